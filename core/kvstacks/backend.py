@@ -1,0 +1,119 @@
+"""The tier backend interface that storage plugins implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, ClassVar, Iterable
+
+from kvstacks.keys import CacheKey
+from kvstacks.memory import MemoryObj
+
+
+class Backend:
+    """Where a tier keeps its chunks. Subclass it and register it with ``register_backends``.
+
+    Methods are coroutines run on the engine's I/O event loop. A backend raises
+    on failure (the tier counts, logs and retries); a missing or corrupt chunk is
+    ``None`` from ``get`` (remove a corrupt one before returning ``None``).
+
+    Capacity, eviction, pins and compression are the tier's job, not the
+    backend's: a backend only stores what it is given.
+    """
+
+    name: ClassVar[str]
+    #: True when others can write the store too (Redis, Mooncake): the tier then
+    #: asks the backend in ``lookup`` instead of trusting its own index.
+    shared: ClassVar[bool] = False
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options: "Backend.Options | None" = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    async def start(self) -> None:
+        """Connect or open; called once before any other call."""
+
+    async def close(self) -> None:
+        """Release resources; must return promptly even if the store is unreachable."""
+
+    async def put(self, key: CacheKey, obj: MemoryObj) -> None:
+        raise NotImplementedError
+
+    async def get(self, key: CacheKey) -> MemoryObj | None:
+        raise NotImplementedError
+
+    async def contains(self, key: CacheKey) -> bool:
+        raise NotImplementedError
+
+    async def remove(self, key: CacheKey) -> bool:
+        """Remove ``key``; return whether it was there."""
+        raise NotImplementedError
+
+    async def clear(self) -> None:
+        """Remove every chunk this backend wrote (and only those)."""
+        async for key in self.keys():
+            await self.remove(key)
+
+    async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
+        """Yield ``(key, stored_bytes)`` for every chunk present, to rebuild a tier's index at start."""
+        return
+        yield  # pragma: no cover
+
+    async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
+        for key, obj in items:
+            await self.put(key, obj)
+
+    async def batch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
+        return [await self.get(key) for key in keys]
+
+    async def batch_contains(self, keys: list[CacheKey]) -> list[bool]:
+        """Whether each key is present; override to test a whole prefix in one round trip."""
+        return [await self.contains(key) for key in keys]
+
+
+class InProcessBackend(Backend):
+    """A backend whose operations never wait on I/O (the CPU tier).
+
+    It implements the ``*_now`` methods; the engine calls them directly from the
+    caller's thread, so a hit in this tier costs no thread hop and no event loop.
+    """
+
+    def put_now(self, key: CacheKey, obj: MemoryObj) -> None:
+        raise NotImplementedError
+
+    def get_now(self, key: CacheKey) -> MemoryObj | None:
+        raise NotImplementedError
+
+    def contains_now(self, key: CacheKey) -> bool:
+        raise NotImplementedError
+
+    def remove_now(self, key: CacheKey) -> bool:
+        raise NotImplementedError
+
+    def keys_now(self) -> list[tuple[CacheKey, int]]:
+        raise NotImplementedError
+
+    def clear_now(self) -> None:
+        for key, _ in self.keys_now():
+            self.remove_now(key)
+
+    async def put(self, key: CacheKey, obj: MemoryObj) -> None:
+        self.put_now(key, obj)
+
+    async def get(self, key: CacheKey) -> MemoryObj | None:
+        return self.get_now(key)
+
+    async def contains(self, key: CacheKey) -> bool:
+        return self.contains_now(key)
+
+    async def remove(self, key: CacheKey) -> bool:
+        return self.remove_now(key)
+
+    async def clear(self) -> None:
+        self.clear_now()
+
+    async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
+        for item in self.keys_now():
+            yield item

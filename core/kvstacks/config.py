@@ -1,0 +1,242 @@
+"""Stack configuration: YAML in, validated dataclasses out, errors by YAML path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from kvstacks.errors import ConfigError
+from kvstacks.sizes import parse_size
+
+
+class Size(int):
+    """An ``Options`` field of this type accepts sizes such as ``8GiB``."""
+
+
+#: Which distribution provides each first-party backend, for "pip install ..." hints.
+KNOWN_DISTRIBUTIONS = {
+    "cpu": "kvstacks-cpu", "disk": "kvstacks-disk", "redis": "kvstacks-redis",
+    "mooncake": "kvstacks-mooncake", "nixl": "kvstacks-nixl", "cachegen": "kvstacks-cachegen",
+    "cachegen-lossless": "kvstacks-cachegen",
+}
+
+TIER_KEYS = ("backend", "name", "capacity", "eviction", "compressor", "compressor_options", "lossless")
+
+
+@dataclass
+class TierConfig:
+    backend: str
+    name: str
+    capacity: int | None
+    eviction: str
+    compressor: str
+    compressor_options: Any
+    lossless: bool
+    backend_options: Any
+    path: str  # where in the YAML, for errors at runtime
+
+
+@dataclass
+class OffloadConfig:
+    queue_bytes: Size = Size(1 << 30)
+    when_full: Literal["drop", "wait"] = "drop"
+    retries: int = 3
+    backoff_s: float = 0.05
+    workers: int = 2
+
+
+@dataclass
+class StackConfig:
+    model: str = "default"
+    kv_format: str = "kv"
+    world_size: int = 1
+    rank: int = 0
+    chunk_size: int = 256
+    store_partial: bool = True
+    salt: str = ""
+    write_mode: Literal["through", "back"] = "through"
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    stack: list[TierConfig] = field(default_factory=list)
+    controller: dict[str, Any] | None = None
+    source: str = "<dict>"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Size:
+        return "a size such as 8GiB"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any, path: str) -> Any:
+    """Coerce one YAML value to a dataclass field type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc.message)
+        raise ConfigError(path, " or ".join(errors))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"{value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return origin(convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is Size:
+        try:
+            return Size(parse_size(value))
+        except ValueError as exc:
+            raise ConfigError(path, str(exc)) from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return str(value)
+    if tp is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(path, f"expected a path, got {value!r}")
+        return Path(os.path.expanduser(str(value)))
+    if dataclasses.is_dataclass(tp):
+        return build_options(tp, value, path)
+    return value
+
+
+def build_options(options_cls: type, values: Mapping[str, Any] | None, path: str) -> Any:
+    """Fill the dataclass ``options_cls`` from a mapping; unknown or bad keys raise ConfigError."""
+    values = {} if values is None else values
+    if not isinstance(values, Mapping):
+        raise ConfigError(path, f"expected a mapping of options, got {values!r}")
+    hints = typing.get_type_hints(options_cls)
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "none"
+        raise ConfigError(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown option; allowed here: {allowed}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in values:
+            kwargs[name] = convert(values[name], hints[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(where, "is required")
+    return options_cls(**kwargs)
+
+
+def describe_options(options_cls: type) -> list[dict[str, str]]:
+    """Options of a plugin class, for ``kvstacks plugins`` and docs."""
+    hints = typing.get_type_hints(options_cls)
+    out = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+        out.append({"name": f.name, "type": _type_name(hints[f.name]), "default": repr(default)})
+    return out
+
+
+def _install_hint(kind: str, name: str, installed: list[str]) -> str:
+    dist = KNOWN_DISTRIBUTIONS.get(name)
+    hint = f" (pip install {dist})" if dist else ""
+    return f"{name!r} is not installed{hint}; installed {kind}: {', '.join(installed) or 'none'}"
+
+
+def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
+    """Validate a whole stack mapping against the installed plugins."""
+    from kvstacks.plugins import registry
+
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"{source}: a stack config is a mapping with a 'stack' list, got {type(data).__name__}")
+    reg = registry()
+    top = dict(data)
+    tiers_raw = top.pop("stack", None)
+    controller = top.pop("controller", None)
+    cfg = build_options(StackConfig, top, "")
+    cfg.source = source
+    if cfg.chunk_size <= 0:
+        raise ConfigError("chunk_size", f"must be a positive number of tokens, got {cfg.chunk_size}")
+    if not isinstance(tiers_raw, list) or not tiers_raw:
+        raise ConfigError("stack", "must be a non-empty list of tiers, top (fastest) first, e.g. [{backend: cpu, capacity: 8GiB}]")
+    if controller is not None and not isinstance(controller, Mapping):
+        raise ConfigError("controller", "must be a mapping with url and instance_id")
+    cfg.controller = dict(controller) if controller is not None else None
+    names: set[str] = set()
+    for i, raw in enumerate(tiers_raw):
+        path = f"stack[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path, f"each tier is a mapping with at least 'backend', got {raw!r}")
+        backend = raw.get("backend")
+        if not isinstance(backend, str):
+            raise ConfigError(f"{path}.backend", f"is required; installed backends: {', '.join(reg.names('backends')) or 'none'}")
+        if ("backends", backend) not in reg:
+            raise ConfigError(f"{path}.backend", _install_hint("backends", backend, reg.names("backends")))
+        name = str(raw.get("name", backend))
+        if name in names:
+            raise ConfigError(f"{path}.name", f"tier name {name!r} is used twice; give one of them a distinct 'name'")
+        names.add(name)
+        capacity = raw.get("capacity")
+        if capacity is not None:
+            capacity = convert(capacity, Size, f"{path}.capacity")
+        eviction = raw.get("eviction", "lru")
+        if ("eviction_policies", eviction) not in reg:
+            raise ConfigError(f"{path}.eviction", _install_hint("eviction policies", eviction, reg.names("eviction_policies")))
+        compressor = raw.get("compressor", "none")
+        if ("compressors", compressor) not in reg:
+            raise ConfigError(f"{path}.compressor", _install_hint("compressors", compressor, reg.names("compressors")))
+        lossless = convert(raw.get("lossless", False), bool, f"{path}.lossless")
+        compressor_cls = reg.get("compressors", compressor)
+        if lossless and not getattr(compressor_cls, "lossless", True):
+            raise ConfigError(f"{path}.compressor", f"{compressor!r} is lossy but this tier is lossless: true; pick a lossless compressor or drop lossless")
+        compressor_options = build_options(compressor_cls.Options, raw.get("compressor_options"), f"{path}.compressor_options")
+        backend_cls = reg.get("backends", backend)
+        rest = {k: v for k, v in raw.items() if k not in TIER_KEYS}
+        backend_options = build_options(backend_cls.Options, rest, path)
+        cfg.stack.append(TierConfig(backend, name, capacity, eviction, compressor, compressor_options,
+                                    lossless, backend_options, path))
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike[str]) -> StackConfig:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    return parse_stack(data, str(path))

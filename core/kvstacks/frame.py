@@ -1,0 +1,117 @@
+"""The one chunk format for bytes on disk and on the wire.
+
+Layout, little-endian::
+
+    magic   4s   b"KVSC"
+    version u8   1
+    dtype   u8   code from kvstacks.memory.DTYPES (of the decoded KV)
+    ndim    u8
+    namelen u8   length of the compressor name
+    keylen  u16  length of the key string
+    paylen  u64  payload length
+    shape   ndim x u32
+    name    namelen bytes (ascii)
+    key     keylen bytes (utf-8, CacheKey.to_string())
+    payload paylen bytes
+    check   u64  xxh3_64 of everything above
+
+A truncated or corrupted frame raises CorruptChunk. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import torch
+import xxhash
+
+from kvstacks.errors import CorruptChunk
+from kvstacks.keys import CacheKey
+from kvstacks.memory import DTYPE_FROM_CODE, DTYPES, MemoryObj
+
+MAGIC = b"KVSC"
+VERSION = 1
+_FIXED = struct.Struct("<4sBBBBHQ")
+_CHECK = struct.Struct("<Q")
+MAX_NDIM = 8
+
+# Decoded chunks are only ever read (the engine copies them out), so a tensor over a
+# read-only buffer (redis returns bytes) is safe and saves a copy of every payload.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def header(obj: MemoryObj, payload_len: int | None = None) -> bytes:
+    name = obj.compressor.encode("ascii")
+    key = obj.key.to_string().encode("utf-8")
+    paylen = obj.nbytes if payload_len is None else payload_len
+    return (
+        _FIXED.pack(MAGIC, VERSION, DTYPES[obj.dtype], len(obj.shape), len(name), len(key), paylen)
+        + struct.pack(f"<{len(obj.shape)}I", *obj.shape)
+        + name
+        + key
+    )
+
+
+def encode_parts(obj: MemoryObj) -> list[bytes | memoryview]:
+    """The frame as parts to write one after another (no copy of the payload)."""
+    head = header(obj)
+    payload = obj.payload()
+    check = xxhash.xxh3_64(head)
+    check.update(payload)
+    return [head, payload, _CHECK.pack(check.intdigest())]
+
+
+def encode(obj: MemoryObj) -> bytes:
+    return b"".join(encode_parts(obj))
+
+
+def frame_size(obj: MemoryObj) -> int:
+    return len(header(obj)) + obj.nbytes + _CHECK.size
+
+
+def decode(buf: bytes | bytearray | memoryview, expect_key: CacheKey | None = None) -> MemoryObj:
+    """Parse and verify a frame; the returned tensor shares ``buf``'s memory when writable."""
+    view = memoryview(buf).cast("B")
+    if len(view) < _FIXED.size + _CHECK.size:
+        raise CorruptChunk(f"chunk is truncated ({len(view)} bytes)")
+    magic, version, dtype_code, ndim, namelen, keylen, paylen = _FIXED.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise CorruptChunk("not a kvstacks chunk (bad magic)")
+    if version != VERSION:
+        raise CorruptChunk(f"chunk format version {version} is not supported (this kvstacks reads {VERSION})")
+    if dtype_code not in DTYPE_FROM_CODE or ndim > MAX_NDIM:
+        raise CorruptChunk("chunk header is corrupt (dtype or rank)")
+    offset = _FIXED.size
+    end_of_header = offset + 4 * ndim + namelen + keylen
+    if len(view) != end_of_header + paylen + _CHECK.size:
+        raise CorruptChunk(
+            f"chunk is truncated or padded: header says {end_of_header + paylen + _CHECK.size} bytes, got {len(view)}"
+        )
+    check = xxhash.xxh3_64(view[: end_of_header + paylen])
+    (stored,) = _CHECK.unpack_from(view, end_of_header + paylen)
+    if check.intdigest() != stored:
+        raise CorruptChunk("chunk checksum mismatch")
+    shape = struct.unpack_from(f"<{ndim}I", view, offset)
+    offset += 4 * ndim
+    try:
+        compressor = bytes(view[offset : offset + namelen]).decode("ascii")
+        key = CacheKey.from_string(bytes(view[offset + namelen : end_of_header]).decode("utf-8"))
+    except Exception as exc:
+        raise CorruptChunk(f"chunk header is corrupt: {exc}") from exc
+    if expect_key is not None and key != expect_key:
+        raise CorruptChunk(f"chunk holds key {key} where {expect_key} was expected")
+    dtype = DTYPE_FROM_CODE[dtype_code]
+    payload = view[end_of_header : end_of_header + paylen]
+    raw = torch.frombuffer(payload, dtype=torch.uint8) if paylen else torch.empty(0, dtype=torch.uint8)
+    if compressor == "none":
+        expected = 1
+        for d in shape:
+            expected *= d
+        expected *= torch.empty((), dtype=dtype).element_size()
+        if expected != paylen:
+            raise CorruptChunk("chunk payload does not match its shape")
+        data = raw.view(dtype).view(shape)
+    else:
+        data = raw
+    return MemoryObj(key, data, tuple(shape), dtype, compressor)

@@ -1,0 +1,74 @@
+"""MemoryObj: one chunk's KV, raw or compressed, with what is needed to decode it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstacks.errors import InvalidInput
+from kvstacks.keys import CacheKey
+
+#: dtypes a chunk may hold, and their one-byte codes in the chunk format.
+DTYPES: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.uint8: 4, torch.int8: 5}
+DTYPE_FROM_CODE = {code: dtype for dtype, code in DTYPES.items()}
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(eq=False, slots=True)
+class MemoryObj:
+    """A chunk as a tier holds it.
+
+    ``data`` is the KV tensor ``shape``/``dtype`` itself when ``compressor`` is
+    ``"none"``, else a 1-D uint8 tensor of the compressor's payload. ``shape`` and
+    ``dtype`` always describe the decoded KV ``[2, layers, tokens, hidden]``.
+    """
+
+    key: CacheKey
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    compressor: str = "none"
+
+    @classmethod
+    def from_kv(cls, key: CacheKey, kv: torch.Tensor) -> "MemoryObj":
+        return cls(key, kv, tuple(kv.shape), kv.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this object occupies as stored (after compression)."""
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[2]
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of the decoded KV."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def payload(self) -> memoryview:
+        """The stored bytes, without a copy."""
+        data = self.data if self.data.is_contiguous() else self.data.contiguous()
+        return memoryview(data.view(torch.uint8).reshape(-1).numpy())
+
+
+def check_kv(kv: object, num_tokens: int | None = None) -> torch.Tensor:
+    """Validate a KV tensor ``[2, layers, tokens, hidden]`` and return it."""
+    if not isinstance(kv, torch.Tensor):
+        raise InvalidInput(f"kv must be a torch.Tensor [2, layers, tokens, hidden], got {type(kv).__name__}")
+    if kv.dim() != 4 or kv.shape[0] != 2:
+        raise InvalidInput(
+            f"kv must have shape [2, layers, tokens, hidden] (K and V stacked), got {tuple(kv.shape)}"
+        )
+    if kv.dtype not in KV_DTYPES:
+        raise InvalidInput(f"kv dtype must be float16, bfloat16 or float32, got {kv.dtype}")
+    if num_tokens is not None and kv.shape[2] != num_tokens:
+        raise InvalidInput(
+            f"kv holds {kv.shape[2]} tokens (dim 2) but {num_tokens} tokens were given; pass the KV of exactly these tokens"
+        )
+    return kv
