@@ -1,0 +1,639 @@
+"""CacheEngine: the tier stack behind ``store``, ``lookup`` and ``retrieve``.
+
+The sync API runs in the caller's thread. A hit in an in-process top tier (the
+CPU tier) never leaves it: no event loop, no thread hop. Everything else runs on
+the engine's I/O loop. Async twins hand the sync call to a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from kvstacks import metrics
+from kvstacks.compression import Compressor
+from kvstacks.config import StackConfig, load_yaml, parse_stack
+from kvstacks.errors import ConfigError, InvalidInput, TierFull
+from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, chunk_hashes
+from kvstacks.loop import IOLoop
+from kvstacks.memory import MemoryObj, check_kv
+from kvstacks.offload import Job, Offloader
+from kvstacks.plugins import pm, registry
+from kvstacks.tier import Tier
+
+log = logging.getLogger("kvstacks.engine")
+
+Tokens = Sequence[int] | torch.Tensor | np.ndarray
+
+
+class CacheEngine:
+    """A stack of tiers, top (fastest) first, configured from YAML or a dict."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self._registry = registry()
+        self._coders: dict[str, Compressor] = {}
+        self._salt = config.salt.encode()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.tiers: list[Tier] = []
+        for tc in config.stack:
+            backend = self._registry.create("backends", tc.backend, tc.backend_options)
+            policy = self._registry.create("eviction_policies", tc.eviction)
+            compressor = self._registry.get("compressors", tc.compressor)(tc.compressor_options)
+            self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor))
+        self._by_name = {t.name: t for t in self.tiers}
+        self.io = IOLoop()
+        try:
+            self.io.run(self._start())
+        except BaseException:
+            self.io.stop()
+            raise
+        self.offloader = Offloader(self.io, self.tiers[1:], config.offload, self._offloaded)
+        self.requests = 0
+        self.query_tokens = 0
+        self.hit_tokens = 0
+        metrics.track(self)
+        pm.hook.kvstacks_startup(engine=self)
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CacheEngine":
+        return cls(load_yaml(path))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | StackConfig) -> "CacheEngine":
+        return cls(config if isinstance(config, StackConfig) else parse_stack(config))
+
+    async def _start(self) -> None:
+        for tier in self.tiers:
+            try:
+                await tier.backend.start()
+            except ConfigError as exc:
+                raise ConfigError(f"{tier.config.path}.{exc.path}" if exc.path else tier.config.path, exc.message) from None
+            except Exception as exc:
+                # A remote store that is down at start must not stop the engine: its calls fail and count.
+                tier.stats.errors += 1
+                log.warning("tier %s (%s) did not start, it will miss until it works: %s", tier.name, tier.config.backend, exc)
+                continue
+            if not tier.shared:
+                try:
+                    await tier.rebuild_index()
+                except Exception as exc:
+                    tier.stats.errors += 1
+                    log.warning("tier %s: could not list existing chunks: %s", tier.name, exc)
+
+    def compressor(self, name: str) -> Compressor:
+        """A compressor instance by name (default options), shared by the engine's tiers."""
+        coder = self._coders.get(name)
+        if coder is None:
+            if ("compressors", name) not in self._registry:
+                raise InvalidInput(f"unknown compressor {name!r}; installed: {', '.join(self._registry.names('compressors'))}")
+            coder = self._coders[name] = self._registry.create("compressors", name)
+        return coder
+
+    def tier(self, name: str) -> Tier:
+        tier = self._by_name.get(name)
+        if tier is None:
+            raise InvalidInput(f"no tier named {name!r} in this stack; tiers: {', '.join(self._by_name)}")
+        return tier
+
+    # -- keys ----------------------------------------------------------------
+
+    def _chunks(self, tokens: Tokens) -> tuple[list[CacheKey], list[tuple[int, int]]]:
+        arr = as_token_array(tokens)
+        cfg = self.config
+        hashes = chunk_hashes(arr, cfg.chunk_size, self._salt, cfg.store_partial)
+        keys = [CacheKey(cfg.model, cfg.kv_format, cfg.world_size, cfg.rank, h) for h in hashes]
+        return keys, chunk_bounds(len(arr), cfg.chunk_size, cfg.store_partial)
+
+    def chunk_keys(self, tokens: Tokens) -> list[CacheKey]:
+        return self._chunks(tokens)[0]
+
+    # -- store -----------------------------------------------------------------
+
+    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        """Store the KV of ``tokens``; return how many tokens were newly stored in the top tier."""
+        self._check_open()
+        started = time.perf_counter()
+        arr = as_token_array(tokens)
+        kv = check_kv(kv, len(arr))
+        keys, bounds = self._chunks(arr)
+        top = self.tiers[0]
+        admitted: list[CacheKey] = []
+        stored = 0
+        for key, (start, end) in zip(keys, bounds):
+            if top.has(key):
+                top.touch(key)
+                continue
+            view = MemoryObj(key, kv[:, :, start:end], (2, kv.shape[1], end - start, kv.shape[3]), kv.dtype)
+            kept = self._put_top(key, view)
+            if kept is not None:
+                admitted.append(key)
+                stored += end - start
+            if self.config.write_mode == "through" and len(self.tiers) > 1:
+                self._offload_down(0, key, kept if kept is not None else self._stable(view))
+        if admitted:
+            pm.hook.chunks_admitted(engine=self, tier=top.name, keys=admitted)
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        return stored
+
+    @staticmethod
+    def _stable(view: MemoryObj) -> MemoryObj:
+        """A copy the caller cannot change after ``store`` returns."""
+        return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor)
+
+    def _put_top(self, key: CacheKey, view: MemoryObj) -> MemoryObj | None:
+        """Write to the top tier at once; return what it keeps (for offloads) or None if it refused."""
+        top = self.tiers[0]
+        if top.in_process:
+            try:
+                evicted = top.put_now(key, view)
+            except TierFull:
+                return None
+            except Exception as exc:
+                log.warning("tier %s: put failed: %s", top.name, exc)
+                return None
+            self._evicted(0, evicted)
+            return top.backend.get_now(key)
+        try:
+            victims = self.io.run(top.aput(key, view))
+        except TierFull:
+            return None
+        except Exception as exc:
+            top.stats.errors += 1
+            log.warning("tier %s: put failed: %s", top.name, exc)
+            return None
+        self._evicted(0, [(k, None) for k, _ in victims])
+        return None
+
+    def _evicted(self, level: int, evicted: list[tuple[CacheKey, MemoryObj | None]]) -> None:
+        """Victims of tier ``level``: demote them (write-back), drop them, tell observers."""
+        if not evicted:
+            return
+        tier = self.tiers[level]
+        for key, obj in evicted:
+            if self.config.write_mode == "back" and obj is not None and level + 1 < len(self.tiers):
+                self._submit(self.tiers[level + 1], self._stable(obj))
+            if tier.in_process:
+                tier.drop_now(key)
+        pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[k for k, _ in evicted])
+
+    def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj) -> None:
+        """Queue ``obj`` for every tier below ``level`` (write-through)."""
+        source = self.tiers[level]
+        targets = [t for t in self.tiers[level + 1:] if not t.has(key)]
+        if not targets:
+            return
+        holds = source.in_process and source.has(key)
+        remaining = [len(targets)]
+        lock = threading.Lock()
+        if holds:
+            source.acquire(key)
+
+        def done() -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last and holds and source.release(key):
+                source.backend.remove_now(key)
+
+        for target in targets:
+            self._submit(target, obj, done)
+
+    def _submit(self, target: Tier, obj: MemoryObj, done: Any = None) -> None:
+        self.offloader.submit(Job(target, obj.key, obj, obj.nbytes, done))
+
+    def _offloaded(self, tier: Tier, key: CacheKey, victims: list[tuple[CacheKey, int]]) -> None:
+        pm.hook.chunks_admitted(engine=self, tier=tier.name, keys=[key])
+        if victims:
+            pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[k for k, _ in victims])
+
+    # -- lookup ----------------------------------------------------------------
+
+    def _locate(self, keys: list[CacheKey]) -> list[int]:
+        """For the longest cached prefix, the index of a tier holding each chunk."""
+        n = len(keys)
+        where = [-1] * n
+        for level, tier in enumerate(self.tiers):
+            if tier.shared:
+                continue
+            index = tier.index
+            for j in range(n):
+                if where[j] < 0 and keys[j] in index:
+                    where[j] = level
+        prefix = where.index(-1) if -1 in where else n
+        shared = [level for level, t in enumerate(self.tiers) if t.shared]
+        if prefix < n and shared:
+            rest = keys[prefix:]
+            answers = self.io.run(self._ask_shared(shared, rest))
+            for level, present in zip(shared, answers):
+                for offset, yes in enumerate(present):
+                    if yes and where[prefix + offset] < 0:
+                        where[prefix + offset] = level
+            prefix = where.index(-1) if -1 in where else n
+        return where[:prefix]
+
+    async def _ask_shared(self, levels: list[int], keys: list[CacheKey]) -> list[list[bool]]:
+        return list(await asyncio.gather(*(self.tiers[level].abatch_contains(keys) for level in levels)))
+
+    def lookup(self, tokens: Tokens) -> int:
+        """Tokens of the longest prefix of ``tokens`` cached in any tier."""
+        self._check_open()
+        keys, bounds = self._chunks(tokens)
+        where = self._locate(keys)
+        return bounds[len(where) - 1][1] if where else 0
+
+    def lookup_tiers(self, tokens: Tokens) -> dict[str, int]:
+        """For each tier, the tokens of the longest prefix that tier alone holds."""
+        self._check_open()
+        keys, bounds = self._chunks(tokens)
+        result = {}
+        for tier in self.tiers:
+            if tier.shared:
+                present = self.io.run(tier.abatch_contains(keys))
+            else:
+                present = [k in tier.index for k in keys]
+            run = present.index(False) if False in present else len(keys)
+            result[tier.name] = bounds[run - 1][1] if run else 0
+        return result
+
+    # -- retrieve --------------------------------------------------------------
+
+    def retrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, int]:
+        """Load the longest cached prefix: ``(kv [2, layers, n, hidden], n)``, or ``(None, 0)``.
+
+        With ``out`` (``[2, layers, >= n, hidden]``), the KV is written there and a view returned.
+        Chunks found in lower tiers are promoted to the tiers above.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        keys, bounds = self._chunks(tokens)
+        where = self._locate(keys)
+        objs: list[MemoryObj | None] = [None] * len(where)
+        held: list[tuple[Tier, CacheKey]] = []
+        remote: dict[int, list[int]] = defaultdict(list)
+        try:
+            for j, level in enumerate(where):
+                tier = self.tiers[level]
+                if tier.in_process:
+                    tier.acquire(keys[j])
+                    held.append((tier, keys[j]))
+                    objs[j] = tier.backend.get_now(keys[j])
+                    if objs[j] is not None:
+                        tier.touch(keys[j])
+                else:
+                    remote[level].append(j)
+            if remote:
+                fetched = self.io.run(self._fetch(remote, keys))
+                for j, obj in fetched.items():
+                    objs[j] = obj
+            n_ok = objs.index(None) if None in objs else len(objs)
+            self._count(where, n_ok, len(keys))
+            self.requests += 1
+            self.query_tokens += bounds[-1][1] if bounds else 0
+            if n_ok == 0:
+                metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
+                return None, 0
+            decoded = [self.tiers[where[j]].decode(objs[j]) for j in range(n_ok)]  # type: ignore[arg-type]
+            total = bounds[n_ok - 1][1]
+            first = decoded[0]
+            layers, hidden, dtype = first.shape[1], first.shape[3], first.dtype
+            for j, obj in enumerate(decoded):
+                if obj.shape[1] != layers or obj.shape[3] != hidden or obj.dtype != dtype:
+                    n_ok, total = j, bounds[j - 1][1] if j else 0
+                    log.warning("chunk %d of a prefix has another KV layout; serving %d tokens", j, total)
+                    break
+            result = self._output(out, layers, total, hidden, dtype)
+            for j in range(n_ok):
+                start, end = bounds[j]
+                result[:, :, start:end].copy_(decoded[j].data)
+            self.hit_tokens += total
+        finally:
+            for tier, key in held:
+                if tier.release(key):
+                    tier.backend.remove_now(key)
+        self._promote(where[:n_ok], decoded[:n_ok])
+        metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
+        return result, total
+
+    async def _fetch(self, remote: dict[int, list[int]], keys: list[CacheKey]) -> dict[int, MemoryObj | None]:
+        async def one(level: int, j: int) -> tuple[int, MemoryObj | None]:
+            return j, await self.tiers[level].aget(keys[j], decode=False)
+
+        pairs = await asyncio.gather(*(one(level, j) for level, js in remote.items() for j in js))
+        return dict(pairs)
+
+    def _count(self, where: list[int], n_ok: int, n_keys: int) -> None:
+        for j in range(min(n_ok + 1, n_keys)):
+            served = where[j] if j < n_ok else len(self.tiers)
+            for level, tier in enumerate(self.tiers[: served + 1]):
+                if level == served:
+                    tier.stats.hits += 1
+                else:
+                    tier.stats.misses += 1
+
+    @staticmethod
+    def _output(out: torch.Tensor | None, layers: int, tokens: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        if out is None:
+            return torch.empty((2, layers, tokens, hidden), dtype=dtype)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != 2 or out.shape[1] != layers \
+                or out.shape[2] < tokens or out.shape[3] != hidden or out.dtype != dtype:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InvalidInput(f"out must be a {dtype} tensor of shape [2, {layers}, >= {tokens}, {hidden}], got {got}")
+        return out[:, :, :tokens]
+
+    def _promote(self, where: list[int], decoded: list[MemoryObj]) -> None:
+        for level, obj in zip(where, decoded):
+            if level == 0:
+                continue
+            top = self.tiers[0]
+            if top.in_process and not top.has(obj.key):
+                try:
+                    self._evicted(0, top.put_now(obj.key, obj))
+                except TierFull:
+                    pass
+                except Exception as exc:
+                    log.warning("tier %s: promotion failed: %s", top.name, exc)
+            for tier in self.tiers[1 if top.in_process else 0:level]:
+                if not tier.has(obj.key):
+                    self._submit(tier, obj)
+
+    # -- management --------------------------------------------------------------
+
+    def _tiers(self, tier: str | None) -> list[Tier]:
+        return self.tiers if tier is None else [self.tier(tier)]
+
+    def pin(self, tokens: Tokens, ttl: float | None = None, tier: str | None = None) -> int:
+        """Keep the chunks of ``tokens`` from eviction (for ``ttl`` seconds); return tokens pinned."""
+        self._check_open()
+        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+            raise InvalidInput(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        keys, bounds = self._chunks(tokens)
+        pinned = 0
+        for key, (start, end) in zip(keys, bounds):
+            if any([t.pin(key, ttl) for t in self._tiers(tier)]):
+                pinned += end - start
+        return pinned
+
+    def unpin(self, tokens: Tokens, tier: str | None = None) -> int:
+        self._check_open()
+        keys, bounds = self._chunks(tokens)
+        return sum(end - start for key, (start, end) in zip(keys, bounds)
+                   if any([t.unpin(key) for t in self._tiers(tier)]))
+
+    def remove(self, tokens: Tokens, tier: str | None = None) -> int:
+        """Remove the chunks of ``tokens``; return tokens removed from at least one tier."""
+        self._check_open()
+        keys, bounds = self._chunks(tokens)
+        tiers = self._tiers(tier)
+        removed = self.io.run(self._remove(tiers, keys))
+        return sum(end - start for yes, (start, end) in zip(removed, bounds) if yes)
+
+    async def _remove(self, tiers: list[Tier], keys: list[CacheKey]) -> list[bool]:
+        hits = [False] * len(keys)
+        for tier in tiers:
+            gone = [j for j, key in enumerate(keys) if await tier.aremove(key)]
+            for j in gone:
+                hits[j] = True
+            if gone:
+                pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[keys[j] for j in gone])
+        return hits
+
+    def clear(self, tier: str | None = None) -> int:
+        """Empty one tier, or all; return chunks removed."""
+        self._check_open()
+        return self.io.run(self._clear(self._tiers(tier)))
+
+    async def _clear(self, tiers: list[Tier]) -> int:
+        total = 0
+        for tier in tiers:
+            keys = list(tier.index)
+            total += await tier.aclear()
+            if keys:
+                pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=keys)
+        return total
+
+    def _prefix_in(self, tier: Tier, keys: list[CacheKey]) -> int:
+        if tier.shared:
+            present = self.io.run(tier.abatch_contains(keys))
+        else:
+            present = [k in tier.index for k in keys]
+        return present.index(False) if False in present else len(keys)
+
+    def move(self, tokens: Tokens, src: str, dst: str, copy: bool = True) -> int:
+        """Move (or copy) the prefix of ``tokens`` held by tier ``src`` to tier ``dst``; return tokens moved."""
+        self._check_open()
+        source, target = self.tier(src), self.tier(dst)
+        if source is target:
+            raise InvalidInput(f"source and destination are the same tier ({src})")
+        keys, bounds = self._chunks(tokens)
+        run = self._prefix_in(source, keys)
+        moved = self.io.run(self._move(source, target, keys[:run], copy))
+        return bounds[moved - 1][1] if moved else 0
+
+    async def _move(self, source: Tier, target: Tier, keys: list[CacheKey], copy: bool) -> int:
+        done = 0
+        for key in keys:
+            obj = await source.aget(key, decode=False)
+            if obj is None:
+                break
+            if source.in_process:
+                obj = self._stable(obj)
+            try:
+                await target.aput(key, obj)
+            except Exception as exc:
+                log.warning("move to %s stopped: %s", target.name, exc)
+                break
+            pm.hook.chunks_admitted(engine=self, tier=target.name, keys=[key])
+            if not copy:
+                await source.aremove(key)
+                pm.hook.chunks_evicted(engine=self, tier=source.name, keys=[key])
+            done += 1
+        return done
+
+    def compress(self, tokens: Tokens, method: str, tier: str) -> int:
+        """Re-encode the chunks of ``tokens`` held by ``tier`` with compressor ``method``; return tokens."""
+        self._check_open()
+        coder = self.compressor(method)
+        target = self.tier(tier)
+        if target.config.lossless and not coder.lossless:
+            raise InvalidInput(f"tier {tier} is lossless: true and {method!r} is lossy")
+        keys, bounds = self._chunks(tokens)
+        run = self._prefix_in(target, keys)
+        done = self.io.run(self._recode(target, keys[:run], coder))
+        return bounds[done - 1][1] if done else 0
+
+    def decompress(self, tokens: Tokens, tier: str) -> int:
+        return self.compress(tokens, "none", tier)
+
+    async def _recode(self, tier: Tier, keys: list[CacheKey], coder: Compressor) -> int:
+        done = 0
+        for key in keys:
+            obj = await tier.aget(key, decode=True)
+            if obj is None:
+                break
+            if tier.in_process:
+                obj = self._stable(obj)
+            encoded = await asyncio.to_thread(coder.encode, obj) if coder.name != "none" else obj
+            pinned = key in tier.pins
+            await tier.aremove(key)
+            await tier.aput(key, encoded, encode=False)
+            if pinned:
+                tier.pin(key, None)
+            done += 1
+        return done
+
+    def export_chunks(self, tokens: Tokens, tier: str | None = None) -> list[MemoryObj]:
+        """The chunks of the cached prefix of ``tokens``, as stored (possibly compressed), copied out."""
+        self._check_open()
+        keys, _ = self._chunks(tokens)
+        if tier is None:
+            where = self._locate(keys)
+        else:
+            level = self.tiers.index(self.tier(tier))
+            where = [level] * self._prefix_in(self.tiers[level], keys)
+        return self.io.run(self._export(where, keys))
+
+    async def _export(self, where: list[int], keys: list[CacheKey]) -> list[MemoryObj]:
+        out = []
+        for j, level in enumerate(where):
+            tier = self.tiers[level]
+            obj = await tier.aget(keys[j], decode=False)
+            if obj is None:
+                break
+            out.append(self._stable(obj) if tier.in_process else obj)
+        return out
+
+    def import_chunks(self, objs: Iterable[MemoryObj], tier: str | None = None) -> int:
+        """Store chunks exported by another engine; return tokens imported."""
+        self._check_open()
+        target = self.tiers[0] if tier is None else self.tier(tier)
+        objs = list(objs)
+        for obj in objs:
+            if not isinstance(obj, MemoryObj):
+                raise InvalidInput(f"import_chunks takes MemoryObj values, got {type(obj).__name__}")
+        return self.io.run(self._import(target, objs))
+
+    async def _import(self, target: Tier, objs: list[MemoryObj]) -> int:
+        tokens = 0
+        for obj in objs:
+            try:
+                victims = await target.aput(obj.key, obj)
+            except TierFull:
+                break
+            pm.hook.chunks_admitted(engine=self, tier=target.name, keys=[obj.key])
+            if victims:
+                pm.hook.chunks_evicted(engine=self, tier=target.name, keys=[k for k, _ in victims])
+            tokens += obj.shape[2]
+        return tokens
+
+    def keys(self, tier: str | None = None) -> dict[str, list[CacheKey]]:
+        """The chunks each tier holds, as this engine knows them."""
+        out = {}
+        for t in self._tiers(tier):
+            with t.lock:
+                out[t.name] = list(t.index)
+        return out
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per tier: objects, bytes, capacity, hits, misses, evictions, pins, queue depth, errors..."""
+        out = {}
+        for tier in self.tiers:
+            snap = tier.snapshot()
+            snap["queue_depth"] = self.offloader.depth.get(tier.name, 0)
+            out[tier.name] = snap
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInput("this engine is closed; create a new CacheEngine")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait for pending offloads (up to ``timeout`` s), then close every backend."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not self.offloader.drain(timeout):
+            log.warning("closing with offloads still pending after %.0f s; they are dropped", timeout)
+        try:
+            pm.hook.kvstacks_shutdown(engine=self)
+        except Exception as exc:
+            log.warning("a plugin's kvstacks_shutdown failed: %s", exc)
+        try:
+            self.io.run(self._shutdown(), timeout=timeout)
+        except Exception as exc:
+            log.warning("closing backends: %s", exc)
+        self.io.stop()
+        metrics.untrack(self)
+
+    async def _shutdown(self) -> None:
+        await self.offloader.stop()
+        for tier in self.tiers:
+            try:
+                await asyncio.wait_for(tier.backend.close(), 10)
+            except Exception as exc:
+                log.warning("tier %s did not close cleanly: %s", tier.name, exc)
+
+    def __enter__(self) -> "CacheEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- async twins -------------------------------------------------------------
+    # Each runs its sync twin on a worker thread, so an asyncio caller never blocks.
+
+    async def astore(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        return await asyncio.to_thread(self.store, tokens, kv)
+
+    async def alookup(self, tokens: Tokens) -> int:
+        return await asyncio.to_thread(self.lookup, tokens)
+
+    async def alookup_tiers(self, tokens: Tokens) -> dict[str, int]:
+        return await asyncio.to_thread(self.lookup_tiers, tokens)
+
+    async def aretrieve(self, tokens: Tokens, out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, int]:
+        return await asyncio.to_thread(self.retrieve, tokens, out)
+
+    async def apin(self, tokens: Tokens, ttl: float | None = None, tier: str | None = None) -> int:
+        return await asyncio.to_thread(self.pin, tokens, ttl, tier)
+
+    async def aunpin(self, tokens: Tokens, tier: str | None = None) -> int:
+        return await asyncio.to_thread(self.unpin, tokens, tier)
+
+    async def aremove(self, tokens: Tokens, tier: str | None = None) -> int:
+        return await asyncio.to_thread(self.remove, tokens, tier)
+
+    async def aclear(self, tier: str | None = None) -> int:
+        return await asyncio.to_thread(self.clear, tier)
+
+    async def amove(self, tokens: Tokens, src: str, dst: str, copy: bool = True) -> int:
+        return await asyncio.to_thread(self.move, tokens, src, dst, copy)
+
+    async def acompress(self, tokens: Tokens, method: str, tier: str) -> int:
+        return await asyncio.to_thread(self.compress, tokens, method, tier)
+
+    async def adecompress(self, tokens: Tokens, tier: str) -> int:
+        return await asyncio.to_thread(self.decompress, tokens, tier)
+
+    async def aexport_chunks(self, tokens: Tokens, tier: str | None = None) -> list[MemoryObj]:
+        return await asyncio.to_thread(self.export_chunks, tokens, tier)
+
+    async def aimport_chunks(self, objs: Iterable[MemoryObj], tier: str | None = None) -> int:
+        return await asyncio.to_thread(self.import_chunks, list(objs), tier)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)

@@ -1,0 +1,394 @@
+"""One level of the stack: a backend plus the bookkeeping every tier shares.
+
+The tier, not the backend, owns capacity, eviction, pins, in-use marks and
+compression, so a backend plugin only stores and fetches. Bookkeeping happens
+under one lock because the caller's threads (sync API on an in-process tier)
+and the I/O loop (offloads, promotions) both touch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvstacks.backend import Backend, InProcessBackend
+from kvstacks.compression import Compressor
+from kvstacks.config import TierConfig
+from kvstacks.errors import CorruptChunk, TierFull
+from kvstacks.eviction import EvictionPolicy
+from kvstacks.keys import CacheKey
+from kvstacks.memory import MemoryObj
+
+log = logging.getLogger("kvstacks.tier")
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    stores: int = 0
+    rejected: int = 0       # refused for lack of evictable room (full of pins or in-use chunks)
+    errors: int = 0         # backend calls that raised
+    corrupt: int = 0        # chunks that failed validation and were dropped
+    dropped: int = 0        # offloads given up (queue full or retries exhausted)
+    retries: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+
+@dataclass
+class Admission:
+    """What ``reserve`` decided: room made by evicting ``victims``."""
+
+    victims: list[tuple[CacheKey, int]] = field(default_factory=list)
+    already_present: bool = False
+
+
+class Tier:
+    def __init__(
+        self,
+        config: TierConfig,
+        backend: Backend,
+        policy: EvictionPolicy,
+        compressor: Compressor,
+        compressors: Callable[[str], Compressor],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.backend = backend
+        self.policy = policy
+        self.compressor = compressor
+        self._compressors = compressors
+        self.capacity = config.capacity
+        self.in_process = isinstance(backend, InProcessBackend)
+        self.shared = backend.shared
+        self.index: dict[CacheKey, int] = {}
+        self.used = 0
+        self.pins: dict[CacheKey, float | None] = {}
+        self.in_use: Counter[CacheKey] = Counter()
+        self.doomed: set[CacheKey] = set()  # removal asked while a reader held the chunk
+        self.stats = TierStats()
+        self.lock = threading.RLock()
+        self._last_full_log = 0.0
+
+    # -- bookkeeping (sync, under the lock) ---------------------------------
+
+    def has(self, key: CacheKey) -> bool:
+        return key in self.index
+
+    def reserve(self, key: CacheKey, nbytes: int) -> Admission:
+        """Account ``nbytes`` for ``key``, choosing victims to make room, or raise TierFull."""
+        with self.lock:
+            if key in self.index:
+                return Admission(already_present=True)
+            if self.capacity is not None:
+                if nbytes > self.capacity:
+                    self._refuse(f"a {nbytes}-byte chunk exceeds the tier capacity of {self.capacity} bytes")
+                victims = self._make_room(nbytes)
+            else:
+                victims = []
+            self.index[key] = nbytes
+            self.used += nbytes
+            if key not in self.pins:
+                self.policy.insert(key, nbytes)
+            self.stats.stores += 1
+            return Admission(victims)
+
+    def _make_room(self, nbytes: int) -> list[tuple[CacheKey, int]]:
+        victims: list[tuple[CacheKey, int]] = []
+        skipped: list[tuple[CacheKey, int]] = []
+        assert self.capacity is not None
+        self._expire_pins()
+        while self.used + nbytes > self.capacity:
+            victim = self.policy.pop_victim()
+            if victim is None:
+                break
+            size = self.index.get(victim)
+            if size is None:
+                continue
+            if self.in_use[victim]:
+                skipped.append((victim, size))
+                continue
+            del self.index[victim]
+            self.used -= size
+            victims.append((victim, size))
+        for key, size in skipped:
+            self.policy.insert(key, size)
+        if self.used + nbytes > self.capacity:
+            # Give the room back: nothing was removed from the backend yet.
+            for key, size in victims:
+                self.index[key] = size
+                self.used += size
+                self.policy.insert(key, size)
+            self._refuse("no evictable chunk left (the rest are pinned or being read)")
+        self.stats.evictions += len(victims)
+        return victims
+
+    def _refuse(self, reason: str) -> None:
+        self.stats.rejected += 1
+        now = time.monotonic()
+        if now - self._last_full_log > 10:
+            self._last_full_log = now
+            log.warning("tier %s refused a chunk: %s (refusals so far: %d)", self.name, reason, self.stats.rejected)
+        raise TierFull(f"tier {self.name}: {reason}")
+
+    def forget(self, key: CacheKey) -> bool:
+        """Drop ``key`` from the bookkeeping; return whether it was there."""
+        with self.lock:
+            size = self.index.pop(key, None)
+            if size is None:
+                return False
+            self.used -= size
+            self.policy.remove(key)
+            self.pins.pop(key, None)
+            return True
+
+    def forget_all(self) -> list[CacheKey]:
+        with self.lock:
+            keys = list(self.index)
+            for key in keys:
+                self.policy.remove(key)
+            self.index.clear()
+            self.pins.clear()
+            self.used = 0
+            return keys
+
+    def touch(self, key: CacheKey) -> None:
+        with self.lock:
+            if key in self.index and key not in self.pins:
+                self.policy.access(key)
+
+    def acquire(self, key: CacheKey) -> None:
+        with self.lock:
+            self.in_use[key] += 1
+
+    def release(self, key: CacheKey) -> bool:
+        """Drop a reader's mark; return True when a deferred removal is now due."""
+        with self.lock:
+            self.in_use[key] -= 1
+            if self.in_use[key] <= 0:
+                del self.in_use[key]
+                if key in self.doomed:
+                    self.doomed.discard(key)
+                    return True
+            return False
+
+    def pin(self, key: CacheKey, ttl: float | None) -> bool:
+        with self.lock:
+            if key not in self.index:
+                return False
+            if key not in self.pins:
+                self.policy.remove(key)
+            self.pins[key] = None if ttl is None else time.monotonic() + ttl
+            return True
+
+    def unpin(self, key: CacheKey) -> bool:
+        with self.lock:
+            if self.pins.pop(key, 0) == 0:
+                return False
+            if key in self.index:
+                self.policy.insert(key, self.index[key])
+            return True
+
+    def _expire_pins(self) -> None:
+        now = time.monotonic()
+        expired = [k for k, deadline in self.pins.items() if deadline is not None and deadline <= now]
+        for key in expired:
+            self.unpin(key)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            self._expire_pins()
+            s = self.stats
+            return {
+                "backend": self.config.backend,
+                "objects": len(self.index),
+                "bytes": self.used,
+                "capacity": self.capacity,
+                "pins": len(self.pins),
+                "in_use": len(self.in_use),
+                "eviction": self.config.eviction,
+                "compressor": self.compressor.name,
+                "hits": s.hits,
+                "misses": s.misses,
+                "evictions": s.evictions,
+                "stores": s.stores,
+                "rejected": s.rejected,
+                "errors": s.errors,
+                "corrupt": s.corrupt,
+                "dropped": s.dropped,
+                "retries": s.retries,
+                "bytes_written": s.bytes_written,
+                "bytes_read": s.bytes_read,
+            }
+
+    # -- coding -------------------------------------------------------------
+
+    def encode(self, obj: MemoryObj) -> MemoryObj:
+        if obj.compressor == self.compressor.name:
+            return obj
+        if obj.compressor != "none":
+            obj = self.decode(obj)
+        return self.compressor.encode(obj)
+
+    def decode(self, obj: MemoryObj) -> MemoryObj:
+        if obj.compressor == "none":
+            return obj
+        coder = self.compressor if obj.compressor == self.compressor.name else self._compressors(obj.compressor)
+        return coder.decode_obj(obj)
+
+    # -- data path, in-process backends (caller's thread) -------------------
+
+    def put_now(self, key: CacheKey, obj: MemoryObj, encode: bool = True) -> list[tuple[CacheKey, MemoryObj | None]]:
+        """Store synchronously; return evicted ``(key, obj)`` pairs, still readable until ``drop_now``."""
+        assert isinstance(self.backend, InProcessBackend)
+        encoded = self.encode(obj) if encode else obj
+        admission = self.reserve(key, encoded.nbytes)
+        if admission.already_present:
+            self.touch(key)
+            return []
+        try:
+            self.backend.put_now(key, encoded)
+        except Exception:
+            self.forget(key)
+            self.stats.errors += 1
+            raise
+        self.stats.bytes_written += encoded.nbytes
+        evicted = []
+        for victim, _ in admission.victims:
+            evicted.append((victim, self.backend.get_now(victim)))
+        return evicted
+
+    def drop_now(self, key: CacheKey) -> None:
+        """Remove from an in-process backend, deferring while a reader holds it."""
+        assert isinstance(self.backend, InProcessBackend)
+        with self.lock:
+            if self.in_use[key]:
+                self.doomed.add(key)
+                return
+        self.backend.remove_now(key)
+
+    # -- data path, any backend (I/O loop) ------------------------------------
+
+    async def aput(self, key: CacheKey, obj: MemoryObj, encode: bool = True) -> list[tuple[CacheKey, int]]:
+        """Store on the I/O loop; return victims (already removed from the backend).
+
+        ``encode=False`` stores ``obj`` exactly as given (already compressed by the caller).
+        """
+        if self.in_process:
+            evicted = self.put_now(key, obj, encode)
+            for victim, _ in evicted:
+                self.drop_now(victim)
+            return [(k, 0) for k, _ in evicted]
+        encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
+        admission = self.reserve(key, encoded.nbytes)
+        if admission.already_present:
+            self.touch(key)
+            return []
+        try:
+            await self.backend.put(key, encoded)
+        except BaseException:
+            self.forget(key)
+            raise
+        self.stats.bytes_written += encoded.nbytes
+        for victim, _ in admission.victims:
+            try:
+                await self.backend.remove(victim)
+            except Exception as exc:
+                self.stats.errors += 1
+                log.warning("tier %s: could not remove evicted chunk: %s", self.name, exc)
+        return admission.victims
+
+    async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
+        """Fetch (and decode); a failure or a corrupt chunk is a miss (and is forgotten)."""
+        try:
+            obj = await self.backend.get(key)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("tier %s: get failed, treating as a miss: %s", self.name, exc)
+            return None
+        if obj is None:
+            self.forget(key)
+            return None
+        try:
+            decoded = await asyncio.to_thread(self.decode, obj) if decode and obj.compressor != "none" else obj
+        except CorruptChunk as exc:
+            self.stats.corrupt += 1
+            log.warning("tier %s: dropping corrupt chunk %s: %s", self.name, key, exc)
+            self.forget(key)
+            try:
+                await self.backend.remove(key)
+            except Exception:
+                pass
+            return None
+        self.stats.bytes_read += obj.nbytes
+        self.touch(key)
+        return decoded
+
+    async def abatch_contains(self, keys: list[CacheKey]) -> list[bool]:
+        try:
+            return await self.backend.batch_contains(keys)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("tier %s: lookup failed, treating as misses: %s", self.name, exc)
+            return [False] * len(keys)
+
+    async def aremove(self, key: CacheKey) -> bool:
+        known = self.forget(key)
+        if self.in_process:
+            self.drop_now(key)
+            return known
+        try:
+            return await self.backend.remove(key) or known
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("tier %s: remove failed: %s", self.name, exc)
+            return known
+
+    async def aclear(self) -> int:
+        keys = self.forget_all()
+        if self.in_process:
+            for key in keys:
+                self.drop_now(key)
+            return len(keys)
+        try:
+            await self.backend.clear()
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("tier %s: clear failed: %s", self.name, exc)
+        return len(keys)
+
+    async def rebuild_index(self) -> int:
+        """Learn what the backend already holds (a restart finds everything on disk)."""
+        count = 0
+        async for key, size in self.backend.keys():
+            with self.lock:
+                if key in self.index:
+                    continue
+                self.index[key] = size
+                self.used += size
+                self.policy.insert(key, size)
+            count += 1
+        for key in self.trim():
+            try:
+                await self.backend.remove(key)
+            except Exception as exc:
+                log.warning("tier %s: could not remove a chunk over capacity: %s", self.name, exc)
+        return count
+
+    def trim(self) -> list[CacheKey]:
+        """Evict down to capacity (after a restart with a smaller capacity); return victims to remove."""
+        with self.lock:
+            if self.capacity is None or self.used <= self.capacity:
+                return []
+            try:
+                victims = self._make_room(0)
+            except TierFull:
+                return []
+        return [k for k, _ in victims]
