@@ -1,0 +1,58 @@
+"""Controller settings: command-line flags and environment, with secure defaults."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 9000
+    #: Bearer token for operator endpoints (all but GET /health and GET /metrics).
+    admin_token: str | None = None
+    #: Bearer token between workers and the controller, both directions.
+    worker_token: str | None = None
+    #: A worker silent this long is unhealthy and drops out of lookups.
+    heartbeat_timeout: float = 10.0
+    #: How long one command to one worker may take.
+    worker_timeout: float = 10.0
+    #: How long a command waits before answering "pending" with its event id.
+    wait: float = 10.0
+    #: How long a worker may take to ship a prefix to another.
+    move_timeout: float = 120.0
+    max_body_bytes: int = 16 << 20
+    max_tokens: int = 1 << 20
+    max_batch: int = 1024
+    max_events: int = 10_000
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "Settings":
+        settings = cls(admin_token=os.environ.get("KVSTACKS_ADMIN_TOKEN") or None,
+                       worker_token=os.environ.get("KVSTACKS_WORKER_TOKEN") or None)
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        return settings
+
+    def check_bind(self) -> None:
+        """Refuse to listen beyond loopback without both tokens."""
+        if is_loopback(self.host):
+            return
+        missing = [env for env, value in (("KVSTACKS_ADMIN_TOKEN", self.admin_token),
+                                          ("KVSTACKS_WORKER_TOKEN", self.worker_token)) if not value]
+        if missing:
+            raise ValueError(
+                f"refusing to listen on {self.host} (beyond loopback) without {' and '.join(missing)}: "
+                "set them to long random strings, or bind --host 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
