@@ -1,0 +1,299 @@
+"""The ``disk`` backend: one checksummed file per chunk.
+
+Writes go to a uniquely named temp file in the chunk's directory and are renamed
+over the final name, so a reader (in this process or another) sees the old chunk,
+the new one or none, never a torn one. Each chunk is a ``kvstacks.frame``: a
+truncated or damaged file fails its checksum, is removed, counted in
+``corrupt_count`` and reported as a miss.
+
+Each put or get is one hop to a worker thread that does the whole job with plain
+``os`` calls (encode, write, rename; or read, verify). aiofiles makes a thread
+hop per call (open, each write, close, rename), which ``benchmarks/disk_tier.py``
+measures as slower for small chunks and no faster for large ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Iterable
+
+import torch
+from kvstacks.backend import Backend
+from kvstacks.errors import ConfigError, CorruptChunk
+from kvstacks.frame import decode, encode_parts
+from kvstacks.keys import CacheKey
+from kvstacks.memory import MemoryObj
+from tqdm import tqdm
+
+from kvstacks_disk import layout
+
+log = logging.getLogger("kvstacks.disk")
+
+#: above this many chunks, indexing at start shows a progress bar (on a terminal)
+PROGRESS_THRESHOLD = 5000
+#: a temp file older than this is a leftover of a crashed writer, removed at start
+STALE_TEMP_SECONDS = 3600.0
+
+_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+class DiskBackend(Backend):
+    """Local-disk tier. Capacity and eviction belong to the tier; this only stores."""
+
+    name = "disk"
+
+    @dataclass
+    class Options:
+        #: directory for the chunks (created if missing, when ``create`` is true)
+        path: Path
+        #: fsync each chunk and its directory before the rename is reported done
+        fsync: bool = False
+        #: create ``path`` (and its parents) if it does not exist
+        create: bool = True
+        #: several processes use this path: lookups then ask the disk, not this process's index
+        shared: bool = False
+
+    def __init__(self, options: "DiskBackend.Options") -> None:
+        super().__init__(options)
+        self.root = os.fspath(self.options.path)
+        self.shared = self.options.shared
+        self.corrupt_count = 0
+        self._count_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._check_root)
+
+    def _check_root(self) -> None:
+        root = self.root
+        if not os.path.exists(root):
+            if not self.options.create:
+                raise ConfigError("path", f"{root} does not exist; create it (mkdir -p {root}) or set create: true")
+            try:
+                os.makedirs(root, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    "path", f"cannot create {root}: {exc.strerror}; create it yourself or choose a writable path"
+                ) from None
+        if not os.path.isdir(root):
+            raise ConfigError("path", f"{root} is not a directory; point path at a directory for the chunk files")
+        probe = os.path.join(root, f".kvstacks-probe.{os.getpid()}.{secrets.token_hex(4)}{layout.TEMP_SUFFIX}")
+        try:
+            fd = os.open(probe, _OPEN_WRITE, 0o644)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                "path", f"{root} is not writable ({exc.strerror}); give this user write access "
+                f"(chown/chmod) or choose another path"
+            ) from None
+
+    # -- data path ----------------------------------------------------------------
+
+    async def put(self, key: CacheKey, obj: MemoryObj) -> None:
+        await asyncio.to_thread(self._write, layout.chunk_path(self.root, key), obj)
+
+    async def get(self, key: CacheKey) -> MemoryObj | None:
+        return await asyncio.to_thread(self._read, layout.chunk_path(self.root, key), key)
+
+    async def contains(self, key: CacheKey) -> bool:
+        # A stat is microseconds; a thread hop costs more than it saves.
+        return os.path.isfile(layout.chunk_path(self.root, key))
+
+    async def remove(self, key: CacheKey) -> bool:
+        return await asyncio.to_thread(self._unlink, layout.chunk_path(self.root, key))
+
+    async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
+        await asyncio.gather(*(self.put(key, obj) for key, obj in items))
+
+    async def batch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def batch_contains(self, keys: list[CacheKey]) -> list[bool]:
+        root = self.root
+        return [os.path.isfile(layout.chunk_path(root, key)) for key in keys]
+
+    async def clear(self) -> None:
+        await asyncio.to_thread(self._clear)
+
+    async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
+        for item in await asyncio.to_thread(self.scan):
+            yield item
+
+    # -- the work, in a worker thread ------------------------------------------------
+
+    def _write(self, path: str, obj: MemoryObj) -> None:
+        parts = encode_parts(obj)
+        directory, name = os.path.split(path)
+        temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}{layout.TEMP_SUFFIX}")
+        try:
+            fd = os.open(temp, _OPEN_WRITE, 0o644)
+        except FileNotFoundError:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(temp, _OPEN_WRITE, 0o644)
+        try:
+            try:
+                _write_all(fd, parts)
+                if self.options.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        if self.options.fsync:
+            _fsync_dir(directory)
+
+    def _read(self, path: str, key: CacheKey) -> MemoryObj | None:
+        try:
+            fd = os.open(path, _OPEN_READ)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            buffer = torch.empty(st.st_size, dtype=torch.uint8)
+            view = memoryview(buffer.numpy())
+            got = _read_all(fd, view)
+        finally:
+            os.close(fd)
+        try:
+            if got != st.st_size:
+                raise CorruptChunk(f"file shrank while being read ({got} of {st.st_size} bytes)")
+            return decode(view, expect_key=key)
+        except CorruptChunk as exc:
+            self._drop_corrupt(path, st, exc)
+            return None
+
+    def _drop_corrupt(self, path: str, st: os.stat_result, exc: CorruptChunk) -> None:
+        # Another process may have renamed a good chunk over the bad one since we
+        # opened it: only unlink the very file we read.
+        try:
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        with self._count_lock:
+            self.corrupt_count += 1
+        log.warning("disk tier: removed corrupt chunk %s: %s", path, exc)
+
+    @staticmethod
+    def _unlink(path: str) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _clear(self) -> None:
+        for model_path, _ in self._model_dirs():
+            for shard in _subdirs(model_path):
+                for entry in _entries(shard):
+                    if entry.name.endswith(layout.SUFFIX) and not entry.name.startswith("."):
+                        _unlink_quietly(entry.path)
+
+    def scan(self) -> list[tuple[CacheKey, int]]:
+        """Every chunk on disk with its file size, from directory listings alone."""
+        found: list[tuple[CacheKey, int]] = []
+        bar: tqdm | None = None
+        stale_before = time.time() - STALE_TEMP_SECONDS
+        try:
+            for model_path, model in self._model_dirs():
+                for shard in _subdirs(model_path):
+                    before = len(found)
+                    for entry in _entries(shard):
+                        name = entry.name
+                        key = layout.key_from_name(model, name)
+                        if key is not None:
+                            try:
+                                found.append((key, entry.stat().st_size))
+                            except FileNotFoundError:
+                                pass  # removed by another process meanwhile
+                        elif layout.is_temp(name):
+                            _remove_if_stale(entry, stale_before)
+                    if bar is not None:
+                        bar.update(len(found) - before)
+                    elif len(found) > PROGRESS_THRESHOLD:
+                        bar = tqdm(desc=f"kvstacks disk: indexing {self.root}", unit=" chunks",
+                                   initial=len(found), disable=None)
+        finally:
+            if bar is not None:
+                bar.close()
+        return found
+
+    def _model_dirs(self) -> list[tuple[str, str]]:
+        out = []
+        for entry in _entries(self.root):
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                out.append((entry.path, layout.unescape(entry.name)))
+            except UnicodeDecodeError:
+                continue
+        return out
+
+
+def _write_all(fd: int, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _read_all(fd: int, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _entries(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _subdirs(path: str) -> list[str]:
+    return [e.path for e in _entries(path) if e.is_dir(follow_symlinks=False)]
+
+
+def _remove_if_stale(entry: os.DirEntry, stale_before: float) -> None:
+    try:
+        if entry.stat().st_mtime < stale_before:
+            os.unlink(entry.path)
+    except FileNotFoundError:
+        pass
