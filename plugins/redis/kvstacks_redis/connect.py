@@ -126,10 +126,11 @@ def connection_kwargs(o: RedisOptions) -> dict[str, Any]:
         "socket_timeout": o.timeout,
         # big replies arrive in a few large reads instead of hundreds of 64 KiB ones
         "socket_read_size": 1 << 20,
-        "socket_keepalive": True,
         "health_check_interval": 0,
         "client_name": "kvstacks",
     }
+    if urlsplit(o.url).scheme != "unix":
+        kw["socket_keepalive"] = True
     username = _secret(o.username_env, "username_env")
     password = _secret(o.password_env, "password_env")
     if username is not None:
