@@ -84,7 +84,16 @@ class InProcessBackend(Backend):
         raise NotImplementedError
 
     def get_now(self, key: CacheKey) -> MemoryObj | None:
+        """The stored object itself (no copy), leased to the caller until ``release_now``."""
         raise NotImplementedError
+
+    def release_now(self, obj: MemoryObj) -> None:
+        """End the lease ``get_now`` took: the caller has finished reading ``obj``.
+
+        A backend that recycles memory must not reuse ``obj``'s bytes while a lease
+        is open, even if the key is removed meanwhile. The engine releases every
+        object it got from ``get_now``.
+        """
 
     def contains_now(self, key: CacheKey) -> bool:
         raise NotImplementedError

@@ -22,7 +22,7 @@ from kvstacks import metrics
 from kvstacks.compression import Compressor
 from kvstacks.config import StackConfig, load_yaml, parse_stack
 from kvstacks.errors import ConfigError, InvalidInput, TierFull
-from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, chunk_hashes
+from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, hash_chain
 from kvstacks.loop import IOLoop
 from kvstacks.memory import MemoryObj, check_kv
 from kvstacks.offload import Job, Offloader
@@ -32,6 +32,10 @@ from kvstacks.tier import Tier
 log = logging.getLogger("kvstacks.engine")
 
 Tokens = Sequence[int] | torch.Tensor | np.ndarray
+
+
+class _Validated(np.ndarray):
+    """Tokens ``as_token_array`` already checked, so they are not checked twice."""
 
 
 class CacheEngine:
@@ -110,9 +114,9 @@ class CacheEngine:
     # -- keys ----------------------------------------------------------------
 
     def _chunks(self, tokens: Tokens) -> tuple[list[CacheKey], list[tuple[int, int]]]:
-        arr = as_token_array(tokens)
+        arr = tokens if isinstance(tokens, _Validated) else as_token_array(tokens)
         cfg = self.config
-        hashes = chunk_hashes(arr, cfg.chunk_size, self._salt, cfg.store_partial)
+        hashes = hash_chain(arr, cfg.chunk_size, self._salt, cfg.store_partial)
         keys = [CacheKey(cfg.model, cfg.kv_format, cfg.world_size, cfg.rank, h) for h in hashes]
         return keys, chunk_bounds(len(arr), cfg.chunk_size, cfg.store_partial)
 
@@ -125,23 +129,25 @@ class CacheEngine:
         """Store the KV of ``tokens``; return how many tokens were newly stored in the top tier."""
         self._check_open()
         started = time.perf_counter()
-        arr = as_token_array(tokens)
+        arr = as_token_array(tokens).view(_Validated)
         kv = check_kv(kv, len(arr))
         keys, bounds = self._chunks(arr)
         top = self.tiers[0]
         admitted: list[CacheKey] = []
         stored = 0
+        through = self.config.write_mode == "through" and len(self.tiers) > 1
         for key, (start, end) in zip(keys, bounds):
             if top.has(key):
                 top.touch(key)
                 continue
             view = MemoryObj(key, kv[:, :, start:end], (2, kv.shape[1], end - start, kv.shape[3]), kv.dtype)
             kept = self._put_top(key, view)
-            if kept is not None:
+            if kept:
                 admitted.append(key)
                 stored += end - start
-            if self.config.write_mode == "through" and len(self.tiers) > 1:
-                self._offload_down(0, key, kept if kept is not None else self._stable(view))
+            if through:
+                leased = top.backend.get_now(key) if kept and top.in_process else None
+                self._offload_down(0, key, leased if leased is not None else self._stable(view), leased)
         if admitted:
             pm.hook.chunks_admitted(engine=self, tier=top.name, keys=admitted)
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
@@ -152,29 +158,21 @@ class CacheEngine:
         """A copy the caller cannot change after ``store`` returns."""
         return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor)
 
-    def _put_top(self, key: CacheKey, view: MemoryObj) -> MemoryObj | None:
-        """Write to the top tier at once; return what it keeps (for offloads) or None if it refused."""
+    def _put_top(self, key: CacheKey, view: MemoryObj) -> bool:
+        """Write to the top tier at once; False if it refused or failed (counted, logged)."""
         top = self.tiers[0]
-        if top.in_process:
-            try:
-                evicted = top.put_now(key, view)
-            except TierFull:
-                return None
-            except Exception as exc:
-                log.warning("tier %s: put failed: %s", top.name, exc)
-                return None
-            self._evicted(0, evicted)
-            return top.backend.get_now(key)
         try:
-            victims = self.io.run(top.aput(key, view))
+            if top.in_process:
+                self._evicted(0, top.put_now(key, view))
+            else:
+                self._evicted(0, [(k, None) for k, _ in self.io.run(top.aput(key, view))])
         except TierFull:
-            return None
+            return False
         except Exception as exc:
             top.stats.errors += 1
             log.warning("tier %s: put failed: %s", top.name, exc)
-            return None
-        self._evicted(0, [(k, None) for k, _ in victims])
-        return None
+            return False
+        return True
 
     def _evicted(self, level: int, evicted: list[tuple[CacheKey, MemoryObj | None]]) -> None:
         """Victims of tier ``level``: demote them (write-back), drop them, tell observers."""
@@ -185,27 +183,28 @@ class CacheEngine:
             if self.config.write_mode == "back" and obj is not None and level + 1 < len(self.tiers):
                 self._submit(self.tiers[level + 1], self._stable(obj))
             if tier.in_process:
-                tier.drop_now(key)
+                tier.drop_now(key, obj)
         pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[k for k, _ in evicted])
 
-    def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj) -> None:
-        """Queue ``obj`` for every tier below ``level`` (write-through)."""
+    def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj, leased: MemoryObj | None) -> None:
+        """Queue ``obj`` for every tier below ``level``; end the lease on ``leased`` when all are written."""
         source = self.tiers[level]
         targets = [t for t in self.tiers[level + 1:] if not t.has(key)]
-        if not targets:
-            return
-        holds = source.in_process and source.has(key)
-        remaining = [len(targets)]
-        lock = threading.Lock()
-        if holds:
-            source.acquire(key)
+        if leased is None:
+            done = None
+        else:
+            if not targets:
+                source.backend.release_now(leased)
+                return
+            remaining = [len(targets)]
+            lock = threading.Lock()
 
-        def done() -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last and holds and source.release(key):
-                source.backend.remove_now(key)
+            def done() -> None:
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    source.backend.release_now(leased)
 
         for target in targets:
             self._submit(target, obj, done)
@@ -280,15 +279,15 @@ class CacheEngine:
         keys, bounds = self._chunks(tokens)
         where = self._locate(keys)
         objs: list[MemoryObj | None] = [None] * len(where)
-        held: list[tuple[Tier, CacheKey]] = []
+        held: list[tuple[Tier, CacheKey, MemoryObj | None]] = []
         remote: dict[int, list[int]] = defaultdict(list)
         try:
             for j, level in enumerate(where):
                 tier = self.tiers[level]
                 if tier.in_process:
                     tier.acquire(keys[j])
-                    held.append((tier, keys[j]))
                     objs[j] = tier.backend.get_now(keys[j])
+                    held.append((tier, keys[j], objs[j]))
                     if objs[j] is not None:
                         tier.touch(keys[j])
                 else:
@@ -319,9 +318,10 @@ class CacheEngine:
                 result[:, :, start:end].copy_(decoded[j].data)
             self.hit_tokens += total
         finally:
-            for tier, key in held:
-                if tier.release(key):
-                    tier.backend.remove_now(key)
+            for tier, key, leased in held:
+                tier.release(key)
+                if leased is not None:
+                    tier.backend.release_now(leased)
         self._promote(where[:n_ok], decoded[:n_ok])
         metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
         return result, total
@@ -359,7 +359,7 @@ class CacheEngine:
             top = self.tiers[0]
             if top.in_process and not top.has(obj.key):
                 try:
-                    self._evicted(0, top.put_now(obj.key, obj))
+                    self._evicted(0, top.put_now(obj.key, obj, encode=True))
                 except TierFull:
                     pass
                 except Exception as exc:
@@ -447,8 +447,6 @@ class CacheEngine:
             obj = await source.aget(key, decode=False)
             if obj is None:
                 break
-            if source.in_process:
-                obj = self._stable(obj)
             try:
                 await target.aput(key, obj)
             except Exception as exc:
@@ -482,8 +480,6 @@ class CacheEngine:
             obj = await tier.aget(key, decode=True)
             if obj is None:
                 break
-            if tier.in_process:
-                obj = self._stable(obj)
             encoded = await asyncio.to_thread(coder.encode, obj) if coder.name != "none" else obj
             pinned = key in tier.pins
             await tier.aremove(key)
@@ -511,7 +507,7 @@ class CacheEngine:
             obj = await tier.aget(keys[j], decode=False)
             if obj is None:
                 break
-            out.append(self._stable(obj) if tier.in_process else obj)
+            out.append(obj)
         return out
 
     def import_chunks(self, objs: Iterable[MemoryObj], tier: str | None = None) -> int:

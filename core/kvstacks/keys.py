@@ -35,6 +35,10 @@ class CacheKey:
     rank: int
     chunk_hash: bytes
 
+    def __hash__(self) -> int:
+        # The digest alone already spreads keys; hashing all five fields costs more on every lookup.
+        return hash(self.chunk_hash)
+
     def to_string(self) -> str:
         """Stable string form used by remote stores and on disk."""
         return f"{self.model}@{self.kv_format}@{self.world_size}@{self.rank}@{self.chunk_hash.hex()}"
@@ -92,7 +96,12 @@ def chunk_hashes(
     partial: bool = True,
 ) -> list[bytes]:
     """The prefix-hash chain of ``tokens``: one 16-byte digest per chunk."""
-    data = as_token_array(tokens).tobytes()
+    return hash_chain(as_token_array(tokens), chunk_size, salt, partial)
+
+
+def hash_chain(tokens: np.ndarray, chunk_size: int, salt: bytes = b"", partial: bool = True) -> list[bytes]:
+    """``chunk_hashes`` for tokens already validated by ``as_token_array``."""
+    data = tokens.tobytes()
     hashes: list[bytes] = []
     previous = ROOT
     for start, end in chunk_bounds(len(data) // 4, chunk_size, partial):

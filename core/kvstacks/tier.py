@@ -71,8 +71,8 @@ class Tier:
         self.index: dict[CacheKey, int] = {}
         self.used = 0
         self.pins: dict[CacheKey, float | None] = {}
+        # Chunks being read are not chosen as victims; the backend's leases keep their memory safe.
         self.in_use: Counter[CacheKey] = Counter()
-        self.doomed: set[CacheKey] = set()  # removal asked while a reader held the chunk
         self.stats = TierStats()
         self.lock = threading.RLock()
         self._last_full_log = 0.0
@@ -168,16 +168,11 @@ class Tier:
         with self.lock:
             self.in_use[key] += 1
 
-    def release(self, key: CacheKey) -> bool:
-        """Drop a reader's mark; return True when a deferred removal is now due."""
+    def release(self, key: CacheKey) -> None:
         with self.lock:
             self.in_use[key] -= 1
             if self.in_use[key] <= 0:
                 del self.in_use[key]
-                if key in self.doomed:
-                    self.doomed.discard(key)
-                    return True
-            return False
 
     def pin(self, key: CacheKey, ttl: float | None) -> bool:
         with self.lock:
@@ -260,19 +255,14 @@ class Tier:
             self.stats.errors += 1
             raise
         self.stats.bytes_written += encoded.nbytes
-        evicted = []
-        for victim, _ in admission.victims:
-            evicted.append((victim, self.backend.get_now(victim)))
-        return evicted
+        return [(victim, self.backend.get_now(victim)) for victim, _ in admission.victims]
 
-    def drop_now(self, key: CacheKey) -> None:
-        """Remove from an in-process backend, deferring while a reader holds it."""
+    def drop_now(self, key: CacheKey, obj: MemoryObj | None = None) -> None:
+        """Remove an evicted chunk from an in-process backend and end the lease on ``obj``."""
         assert isinstance(self.backend, InProcessBackend)
-        with self.lock:
-            if self.in_use[key]:
-                self.doomed.add(key)
-                return
         self.backend.remove_now(key)
+        if obj is not None:
+            self.backend.release_now(obj)
 
     # -- data path, any backend (I/O loop) ------------------------------------
 
@@ -283,8 +273,8 @@ class Tier:
         """
         if self.in_process:
             evicted = self.put_now(key, obj, encode)
-            for victim, _ in evicted:
-                self.drop_now(victim)
+            for victim, leased in evicted:
+                self.drop_now(victim, leased)
             return [(k, 0) for k, _ in evicted]
         encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
         admission = self.reserve(key, encoded.nbytes)
@@ -306,9 +296,15 @@ class Tier:
         return admission.victims
 
     async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
-        """Fetch (and decode); a failure or a corrupt chunk is a miss (and is forgotten)."""
+        """Fetch (and decode) a copy the caller owns; a failure or a corrupt chunk is a miss (and is forgotten)."""
         try:
-            obj = await self.backend.get(key)
+            if isinstance(self.backend, InProcessBackend):
+                leased = self.backend.get_now(key)
+                obj = None if leased is None else MemoryObj(key, leased.data.clone(), leased.shape, leased.dtype, leased.compressor)
+                if leased is not None:
+                    self.backend.release_now(leased)
+            else:
+                obj = await self.backend.get(key)
         except Exception as exc:
             self.stats.errors += 1
             log.warning("tier %s: get failed, treating as a miss: %s", self.name, exc)
@@ -342,7 +338,7 @@ class Tier:
     async def aremove(self, key: CacheKey) -> bool:
         known = self.forget(key)
         if self.in_process:
-            self.drop_now(key)
+            self.backend.remove_now(key)
             return known
         try:
             return await self.backend.remove(key) or known
@@ -354,8 +350,7 @@ class Tier:
     async def aclear(self) -> int:
         keys = self.forget_all()
         if self.in_process:
-            for key in keys:
-                self.drop_now(key)
+            self.backend.clear_now()
             return len(keys)
         try:
             await self.backend.clear()

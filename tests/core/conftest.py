@@ -104,3 +104,9 @@ def test_backends():
     pm.register(plugin, name="kvstacks-tests")
     yield
     pm.unregister(plugin)
+
+
+@pytest.fixture
+def remote_stores() -> dict[str, dict]:
+    """The dicts behind ``test-remote`` tiers, by store name."""
+    return STORES

@@ -12,7 +12,13 @@ from kvstacks import CacheEngine, hookimpl
 from kvstacks.errors import ConfigError, InvalidInput
 from kvstacks.plugins import pm
 
-from .conftest import STORES
+STORES = None  # set by the autouse fixture below, from conftest
+
+
+@pytest.fixture(autouse=True)
+def _stores(remote_stores):
+    global STORES
+    STORES = remote_stores
 
 LAYERS, HIDDEN = 2, 8
 
