@@ -27,6 +27,7 @@ DEFAULT_PLUGINS = (
     "kvstacks.builtin.compressors",
     "kvstacks.builtin.eviction",
     "kvstacks.builtin.transfer",
+    "kvstacks.builtin.agent",
 )
 
 #: kind -> the hook that registers it
@@ -36,6 +37,11 @@ KINDS = {
     "compressors": "register_compressors",
     "commands": "register_commands",
     "transfer_channels": "register_transfer_channels",
+}
+
+KIND_LABELS = {
+    "backends": "backend", "eviction_policies": "eviction policy", "compressors": "compressor",
+    "commands": "controller command", "transfer_channels": "transfer channel",
 }
 
 pm = pluggy.PluginManager("kvstacks")
@@ -162,7 +168,7 @@ def registry() -> Registry:
                 existing = reg.entries[_kind].get(name)
                 if existing is not None and existing.cls is not cls:
                     raise PluginError(
-                        f"two plugins register the {_kind[:-1].replace('_', ' ')} {name!r}: "
+                        f"two plugins register the {KIND_LABELS[_kind]} {name!r}: "
                         f"{existing.distribution} (plugin {existing.plugin}) and {_dist} (plugin {_plugin}); "
                         "uninstall one, or limit what loads with KVSTACKS_LOAD_PLUGINS"
                     )
