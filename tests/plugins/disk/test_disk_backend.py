@@ -1,0 +1,221 @@
+"""The disk backend: conformance, corruption, restart, start-up errors, stale temp files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+
+from kvstacks import frame
+from kvstacks.config import build_options
+from kvstacks.errors import ConfigError
+from kvstacks.keys import CacheKey
+from kvstacks.plugins import registry
+from kvstacks.testing import BackendConformance, assert_same_obj, random_key, random_kv, raw_obj
+from kvstacks_disk import DiskBackend, backend as disk_module, chunk_path
+
+
+class TestDiskConformance(BackendConformance):
+    @pytest_asyncio.fixture
+    async def backend(self, tmp_path: Path) -> DiskBackend:
+        backend = DiskBackend(DiskBackend.Options(path=tmp_path / "chunks"))
+        await backend.start()
+        return backend
+
+    def corrupt(self, backend: DiskBackend, key: CacheKey) -> None:
+        path = chunk_path(backend.root, key)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x40]))
+
+
+def files(root: str) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_registered_under_disk() -> None:
+    assert registry().get("backends", "disk") is DiskBackend
+
+
+def test_options_need_a_path() -> None:
+    with pytest.raises(ConfigError, match=r"stack\[1\]\.path: is required"):
+        build_options(DiskBackend.Options, {}, "stack[1]")
+    options = build_options(DiskBackend.Options, {"path": "~/kv", "fsync": True}, "stack[1]")
+    assert options.path == Path(os.path.expanduser("~/kv")) and options.fsync is True
+
+
+async def test_files_hold_the_chunk_format_and_no_temp_file_remains(disk: DiskBackend) -> None:
+    key = random_key()
+    obj = raw_obj(key, random_kv(seed=1))
+    await disk.put(key, obj)
+    [path] = files(disk.root)
+    assert path == chunk_path(disk.root, key)
+    with open(path, "rb") as f:
+        assert_same_obj(frame.decode(bytearray(f.read()), expect_key=key), obj)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "bad_magic", "flip_payload", "append"])
+async def test_damaged_file_is_a_counted_miss_and_removed(disk: DiskBackend, damage: str, caplog) -> None:
+    key = random_key()
+    await disk.put(key, raw_obj(key, random_kv(seed=2)))
+    path = chunk_path(disk.root, key)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(size - 100)
+        elif damage == "empty":
+            f.truncate(0)
+        elif damage == "bad_magic":
+            f.write(b"XXXX")
+        elif damage == "flip_payload":
+            f.seek(size - 50)
+            f.write(b"\xff\x00\xff")
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(b"trailing")
+    with caplog.at_level("WARNING", logger="kvstacks.disk"):
+        assert await disk.get(key) is None
+    assert disk.corrupt_count == 1
+    assert not os.path.exists(path)
+    assert "corrupt" in caplog.text and path in caplog.text
+    assert await disk.get(key) is None
+    assert disk.corrupt_count == 1, "a missing file is a plain miss, not another corrupt chunk"
+
+
+async def test_a_file_holding_another_key_is_not_served(disk: DiskBackend) -> None:
+    key, other = random_key(), random_key()
+    await disk.put(other, raw_obj(other, random_kv(seed=3)))
+    os.makedirs(os.path.dirname(chunk_path(disk.root, key)), exist_ok=True)
+    os.replace(chunk_path(disk.root, other), chunk_path(disk.root, key))
+    assert await disk.get(key) is None
+    assert disk.corrupt_count == 1
+
+
+async def test_restart_sees_every_chunk(tmp_path: Path) -> None:
+    root = tmp_path / "chunks"
+    first = DiskBackend(DiskBackend.Options(path=root))
+    await first.start()
+    objs = {}
+    for i, model in enumerate(["m1", "org/m2", "m1"]):
+        key = random_key(model=model, rank=i % 2, world_size=2)
+        objs[key] = raw_obj(key, random_kv(1, 8 + i, 32, seed=10 + i))
+        await first.put(key, objs[key])
+    await first.close()
+
+    second = DiskBackend(DiskBackend.Options(path=root))
+    await second.start()
+    listed = {key: size async for key, size in second.keys()}
+    assert set(listed) == set(objs)
+    for key, obj in objs.items():
+        assert listed[key] == frame.frame_size(obj)
+        assert_same_obj(await second.get(key), obj, "after restart")
+
+
+async def test_keys_ignore_temp_and_foreign_files_and_clear_leaves_them(disk: DiskBackend) -> None:
+    key = random_key()
+    await disk.put(key, raw_obj(key, random_kv(seed=4)))
+    shard = os.path.dirname(chunk_path(disk.root, key))
+    fresh_temp = os.path.join(shard, f".{os.path.basename(chunk_path(disk.root, key))}.1.ab.tmp")
+    foreign = os.path.join(disk.root, "README.txt")
+    foreign_in_shard = os.path.join(shard, "notes.kvc.bak")
+    for path in (fresh_temp, foreign, foreign_in_shard):
+        Path(path).write_bytes(b"not a chunk")
+    assert [k async for k, _ in disk.keys()] == [key]
+    await disk.clear()
+    assert [k async for k, _ in disk.keys()] == []
+    for path in (fresh_temp, foreign, foreign_in_shard):
+        assert os.path.exists(path), f"clear() removed {path}, which it did not write"
+
+
+async def test_stale_temp_files_are_removed_at_scan(disk: DiskBackend) -> None:
+    key = random_key()
+    await disk.put(key, raw_obj(key, random_kv(seed=5)))
+    shard = os.path.dirname(chunk_path(disk.root, key))
+    stale = os.path.join(shard, ".x.kvc.999.dead.tmp")
+    fresh = os.path.join(shard, ".y.kvc.999.beef.tmp")
+    for path in (stale, fresh):
+        Path(path).write_bytes(b"half a chunk")
+    old = time.time() - 2 * disk_module.STALE_TEMP_SECONDS
+    os.utime(stale, (old, old))
+    [_ async for _ in disk.keys()]
+    assert not os.path.exists(stale)
+    assert os.path.exists(fresh), "a temp file of a live writer must survive"
+
+
+async def test_scan_with_progress_bar_threshold_crossed(disk: DiskBackend, monkeypatch) -> None:
+    monkeypatch.setattr(disk_module, "PROGRESS_THRESHOLD", 2)
+    keys = [random_key() for _ in range(12)]
+    for key in keys:
+        await disk.put(key, raw_obj(key, random_kv(1, 2, 8, seed=6)))
+    assert sorted(k.chunk_hash for k, _ in disk.scan()) == sorted(k.chunk_hash for k in keys)
+
+
+async def test_fsync_option_writes_durably(tmp_path: Path) -> None:
+    backend = DiskBackend(DiskBackend.Options(path=tmp_path, fsync=True))
+    await backend.start()
+    key = random_key()
+    obj = raw_obj(key, random_kv(seed=7))
+    await backend.put(key, obj)
+    assert_same_obj(await backend.get(key), obj)
+
+
+async def test_a_removed_shard_directory_is_recreated(disk: DiskBackend) -> None:
+    key = random_key()
+    await disk.put(key, raw_obj(key, random_kv(seed=8)))
+    os.unlink(chunk_path(disk.root, key))
+    os.rmdir(os.path.dirname(chunk_path(disk.root, key)))
+    await disk.put(key, raw_obj(key, random_kv(seed=8)))
+    assert await disk.contains(key)
+
+
+async def test_missing_path_is_created(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b"
+    await DiskBackend(DiskBackend.Options(path=root)).start()
+    assert root.is_dir()
+
+
+async def test_missing_path_without_create_names_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "missing"
+    with pytest.raises(ConfigError, match=rf"{root} does not exist; create it \(mkdir -p"):
+        await DiskBackend(DiskBackend.Options(path=root, create=False)).start()
+
+
+async def test_path_under_a_file_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=rf"cannot create {blocker}/sub"):
+        await DiskBackend(DiskBackend.Options(path=blocker / "sub")).start()
+
+
+async def test_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        await DiskBackend(DiskBackend.Options(path=blocker)).start()
+
+
+async def test_unwritable_path_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root writes through permission bits; /proc refuses new files to everyone
+        root = Path("/proc/self")
+    else:
+        root = tmp_path / "ro"
+        root.mkdir()
+        root.chmod(0o500)
+    with pytest.raises(ConfigError, match=rf"{root} is not writable .*chmod"):
+        await DiskBackend(DiskBackend.Options(path=root)).start()
+
+
+async def test_reads_share_no_memory_between_gets(disk: DiskBackend) -> None:
+    key = random_key()
+    kv = random_kv(seed=9)
+    await disk.put(key, raw_obj(key, kv))
+    a, b = await disk.get(key), await disk.get(key)
+    a.data.zero_()
+    assert torch.equal(b.data, kv)
