@@ -140,7 +140,7 @@ class CacheEngine:
             if top.has(key):
                 top.touch(key)
                 continue
-            view = MemoryObj(key, kv[:, :, start:end], (2, kv.shape[1], end - start, kv.shape[3]), kv.dtype)
+            view = MemoryObj(key, kv.narrow(2, start, end - start), (2, kv.shape[1], end - start, kv.shape[3]), kv.dtype)
             kept = self._put_top(key, view)
             if kept:
                 admitted.append(key)
@@ -315,7 +315,7 @@ class CacheEngine:
             result = self._output(out, layers, total, hidden, dtype)
             for j in range(n_ok):
                 start, end = bounds[j]
-                result[:, :, start:end].copy_(decoded[j].data)
+                result.narrow(2, start, end - start).copy_(decoded[j].data)
             self.hit_tokens += total
         finally:
             for tier, key, leased in held:

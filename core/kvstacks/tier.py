@@ -71,6 +71,7 @@ class Tier:
         self.index: dict[CacheKey, int] = {}
         self.used = 0
         self.pins: dict[CacheKey, float | None] = {}
+        self._next_expiry = float("inf")  # earliest pin deadline, so expiry checks cost O(1) until one is due
         # Chunks being read are not chosen as victims; the backend's leases keep their memory safe.
         self.in_use: Counter[CacheKey] = Counter()
         self.stats = TierStats()
@@ -180,7 +181,10 @@ class Tier:
                 return False
             if key not in self.pins:
                 self.policy.remove(key)
-            self.pins[key] = None if ttl is None else time.monotonic() + ttl
+            deadline = None if ttl is None else time.monotonic() + ttl
+            self.pins[key] = deadline
+            if deadline is not None:
+                self._next_expiry = min(self._next_expiry, deadline)
             return True
 
     def unpin(self, key: CacheKey) -> bool:
@@ -193,9 +197,12 @@ class Tier:
 
     def _expire_pins(self) -> None:
         now = time.monotonic()
+        if now < self._next_expiry:
+            return
         expired = [k for k, deadline in self.pins.items() if deadline is not None and deadline <= now]
         for key in expired:
             self.unpin(key)
+        self._next_expiry = min((d for d in self.pins.values() if d is not None), default=float("inf"))
 
     def snapshot(self) -> dict:
         with self.lock:
