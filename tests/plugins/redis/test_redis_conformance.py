@@ -36,10 +36,8 @@ class TestUnixSocket(BackendConformance):
     concurrency = 16
 
     @pytest_asyncio.fixture
-    async def backend(self, tmp_path_factory, own_redis):
-        sock = tmp_path_factory.mktemp("sock") / "redis.sock"
-        own_redis("--unixsocket", str(sock), "--unixsocketperm", "700")
-        backend = make(f"unix://{sock}?db=0")
+    async def backend(self, redis_server):
+        backend = make(f"unix://{redis_server.socket}?db=0")
         await backend.start()
         return backend
 
