@@ -24,6 +24,9 @@ class Backend:
     #: True when others can write the store too (Redis, Mooncake): the tier then
     #: asks the backend in ``lookup`` instead of trusting its own index.
     shared: ClassVar[bool] = False
+    #: Chunks this backend found corrupt, dropped and reported as misses; the tier adds it
+    #: to its ``corrupt`` statistic (and metric).
+    corrupt_count: int = 0
 
     @dataclass
     class Options:

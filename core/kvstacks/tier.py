@@ -223,7 +223,7 @@ class Tier:
                 "stores": s.stores,
                 "rejected": s.rejected,
                 "errors": s.errors,
-                "corrupt": s.corrupt,
+                "corrupt": s.corrupt + self.backend.corrupt_count,
                 "dropped": s.dropped,
                 "retries": s.retries,
                 "bytes_written": s.bytes_written,

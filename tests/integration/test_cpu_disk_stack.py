@@ -1,0 +1,119 @@
+"""The engine over the real cpu and disk plugins: what a user of a two-tier stack relies on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvstacks import CacheEngine
+from kvstacks.errors import ConfigError
+from kvstacks.testing import require
+
+require("kvstacks_cpu")
+require("kvstacks_disk")
+
+LAYERS, HIDDEN = 4, 64
+
+
+def kv_for(n, seed=0, dtype=torch.float16):
+    return torch.randn(2, LAYERS, n, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def stack(tmp_path, **top):
+    return {"model": "m", "chunk_size": 64, **top, "stack": [
+        {"backend": "cpu", "capacity": "64MiB"},
+        {"backend": "disk", "path": str(tmp_path / "cache"), "capacity": "256MiB"},
+    ]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_disk_alone_serves_after_cpu_is_emptied_bit_exactly(tmp_path, dtype):
+    tokens = list(range(200))
+    kv = kv_for(200, dtype=dtype)
+    with CacheEngine.from_config(stack(tmp_path)) as engine:
+        engine.store(tokens, kv)
+        engine.offloader.drain(10)
+        engine.clear(tier="cpu")
+        assert engine.lookup_tiers(tokens) == {"cpu": 0, "disk": 200}
+        out, n = engine.retrieve(tokens)
+        assert n == 200 and torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+        assert engine.stats()["disk"]["hits"] == 4
+        assert engine.lookup_tiers(tokens)["cpu"] == 200  # promoted back up
+
+
+def test_a_restart_finds_everything_on_disk(tmp_path):
+    with CacheEngine.from_config(stack(tmp_path)) as engine:
+        for i in range(5):
+            engine.store([i] * 100, kv_for(100, seed=i))
+    with CacheEngine.from_config(stack(tmp_path)) as engine:
+        assert engine.stats()["disk"]["objects"] == 10
+        for i in range(5):
+            out, n = engine.retrieve([i] * 100)
+            assert n == 100 and torch.equal(out, kv_for(100, seed=i))
+
+
+def test_a_corrupt_file_is_a_miss_and_is_removed(tmp_path):
+    tokens = list(range(128))
+    with CacheEngine.from_config(stack(tmp_path)) as engine:
+        engine.store(tokens, kv_for(128))
+    files = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert len(files) == 2
+    with CacheEngine.from_config(stack(tmp_path)) as engine:
+        key0, key1 = engine.chunk_keys(tokens)
+        victim = next(p for p in files if key1.chunk_hash.hex() in p.name)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(data)
+        out, n = engine.retrieve(tokens)
+        assert n == 64 and torch.equal(out, kv_for(128)[:, :, :64])  # served up to the corrupt chunk
+        assert engine.stats()["disk"]["corrupt"] == 1
+        assert not victim.exists()
+
+
+def test_compressed_disk_tier_round_trips(tmp_path):
+    cfg = stack(tmp_path)
+    cfg["stack"][1]["compressor"] = "lz4"
+    tokens = list(range(256))
+    with CacheEngine.from_config(cfg) as engine:
+        engine.store(tokens, kv_for(256))
+        engine.offloader.drain(10)
+        engine.clear(tier="cpu")
+        out, n = engine.retrieve(tokens)
+        assert n == 256 and torch.equal(out, kv_for(256))
+
+
+def test_unwritable_path_is_a_config_error_naming_the_yaml_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = stack(tmp_path)
+    cfg["stack"][1]["path"] = str(blocker / "cache")
+    with pytest.raises(ConfigError) as err:
+        CacheEngine.from_config(cfg)
+    assert str(err.value).startswith("stack[1]")
+
+
+def test_yaml_stack_and_cli_bench(tmp_path):
+    path = tmp_path / "stack.yaml"
+    path.write_text(textwrap.dedent(f"""
+        model: m
+        chunk_size: 64
+        stack:
+          - backend: cpu
+            capacity: 64MiB
+          - backend: disk
+            path: {tmp_path / 'cache'}
+    """))
+    result = subprocess.run([sys.executable, "-c", "from kvstacks.cli import main; main()", "bench", "--config", str(path),
+                             "--layers", "2", "--hidden", "64", "--chunks", "4", "--repeats", "2", "--json"],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    import json
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["tiers"]) == {"cpu", "disk"} and report["memcpy_gbps"] > 0
+    assert all(row["store_gbps"] > 0 and row["retrieve_gbps"] > 0 for row in report["tiers"].values())
+    assert not any((tmp_path / "cache").rglob("*.kvc"))  # the bench removed what it wrote
