@@ -17,7 +17,7 @@ from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 
 from kvstacks_redis.breaker import CircuitBreaker, RedisUnavailable
-from kvstacks_redis.connect import RedisOptions, build_client, validate
+from kvstacks_redis.connect import RedisOptions, build_client, redacted
 from kvstacks_redis.wire import put_frames
 
 log = logging.getLogger("kvstacks.redis")
@@ -50,7 +50,6 @@ class RedisBackend(Backend):
     def __init__(self, options: RedisOptions | None = None) -> None:
         super().__init__(options)
         o: RedisOptions = self.options
-        validate(o)
         self.prefix = o.prefix.encode("utf-8")
         self.ttl_ms = None if o.ttl is None else max(1, int(o.ttl * 1000))
         self.breaker = CircuitBreaker(o.breaker_failures, o.breaker_backoff, o.breaker_backoff_max)
@@ -62,7 +61,10 @@ class RedisBackend(Backend):
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Build the client and ping; an unreachable server opens the breaker instead of raising."""
+        """Build the client and ping; an unreachable server opens the breaker instead of raising.
+
+        Bad options (and a credential variable that is not set) raise ConfigError.
+        """
         self.client = build_client(self.options)
         self._slots = asyncio.Semaphore(self.options.pool_size)
         try:
@@ -96,7 +98,7 @@ class RedisBackend(Backend):
 
     def _where(self) -> str:
         o = self.options
-        return f"{o.mode} {o.url} prefix {o.prefix!r}"  # the url never holds a password (validate)
+        return f"{o.mode} {redacted(o.url)} prefix {o.prefix!r}"
 
     # -- the guard every call goes through ----------------------------------------------------
 

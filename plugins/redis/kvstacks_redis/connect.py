@@ -104,6 +104,15 @@ def validate(o: RedisOptions) -> None:
         _host_port(address, "sentinels")
 
 
+def redacted(url: str) -> str:
+    """``url`` fit for a log line: no password and no query string."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
 def _host_port(address: str, option: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():

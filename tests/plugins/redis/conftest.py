@@ -227,8 +227,8 @@ def own_redis(tmp_path):
     """A server this test alone uses, and may kill, pause or restart."""
     servers: list[RedisServer] = []
 
-    def make(*extra: str) -> RedisServer:
-        server = RedisServer(tmp_path / f"r{len(servers)}", *extra)
+    def make(*extra: str, port: int | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"r{len(servers)}", *extra, port=port)
         servers.append(server)
         return server.start()
 
