@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from kvstacks.keys import chunk_bounds, chunk_hashes
+from kvstacks.keys import as_token_array, chunk_bounds, chunk_hashes
 from kvstacks_controller.command import CommandError
 from kvstacks_controller.executor import Executor
 from kvstacks_controller.index import ChunkIndex
@@ -88,8 +89,9 @@ class Cluster:
             by_size.setdefault(worker.chunk_size, []).append(worker)
         per_instance: dict[str, list[tuple[int, dict[str, int]]]] = {}
         salt_bytes = salt.encode()
+        array = _array(tokens)
         for chunk_size, group in by_size.items():
-            hashes = chunk_hashes(tokens, chunk_size, salt_bytes, partial=True)
+            hashes = chunk_hashes(array, chunk_size, salt_bytes, partial=True)
             ends = [end for _, end in chunk_bounds(len(tokens), chunk_size, True)]
             groups: list[list[int]] = []
             for worker in group:
@@ -105,9 +107,9 @@ class Cluster:
                 per_instance.setdefault(worker.instance_id, []).append(
                     (to_tokens(total), {t: to_tokens(c) for t, c in per_tier.items()}))
         layout: dict[str, list[Any]] = {}
+        rank_counts = Counter(w.instance_id for w in self.registry.workers.values())
         for instance_id, ranks in per_instance.items():
-            expected = len(self.registry.instance(instance_id))
-            if len(ranks) < expected:
+            if len(ranks) < rank_counts[instance_id]:
                 continue  # a rank is down: the instance cannot serve the prefix
             matched = min(total for total, _ in ranks)
             if not matched:
@@ -120,7 +122,7 @@ class Cluster:
     def holder_tokens(self, worker: Worker, tier: str | None, tokens: list[int]) -> int:
         """Prefix tokens the index says ``worker`` holds in ``tier`` (all tiers when None)."""
         hids = list(worker.holders.values()) if tier is None else [worker.holders[tier]]
-        hashes = chunk_hashes(tokens, worker.chunk_size, b"", partial=True)
+        hashes = chunk_hashes(_array(tokens), worker.chunk_size, b"", partial=True)
         count = int(self.index.prefix_lengths(hashes, [hids])[0]) if hashes else 0
         return chunk_bounds(len(tokens), worker.chunk_size, True)[count - 1][1] if count else 0
 
@@ -129,6 +131,11 @@ class Cluster:
 
     def worker_chunks(self) -> int:
         return int(sum(_tier_sum(w.stats, "objects") for w in self.registry.workers.values()))
+
+
+def _array(tokens: Any) -> np.ndarray:
+    array = getattr(tokens, "array", None)  # schema.TokenList: converted once, at validation
+    return array if array is not None else as_token_array(tokens)
 
 
 def _tier_sum(stats: Any, field: str) -> float:

@@ -27,6 +27,10 @@ HASH_BYTES = 16
 _U64 = np.dtype("<u8")
 _MAX_LOAD = 0.5
 _ONE = np.uint64(1)
+#: Below this many unresolved keys, probing goes on one key at a time: a vectorized
+#: round costs ~20 numpy calls whatever its size, and the longest probe run of a
+#: batch (10+ slots at half load) would otherwise set the number of rounds.
+_SCALAR_TAIL = 32
 
 
 def hashes_to_array(hashes: bytes | bytearray | memoryview | list[bytes]) -> np.ndarray:
@@ -163,7 +167,7 @@ class ChunkIndex:
         pos = (lo & cmask).astype(np.int64)
         result = np.full(hi.size, -1, dtype=np.int64)
         active = np.arange(hi.size)
-        while active.size:
+        while active.size > _SCALAR_TAIL:
             p = pos[active]
             khi, klo = self._hi[p], self._lo[p]
             match = (khi == hi[active]) & (klo == lo[active])
@@ -171,7 +175,23 @@ class ChunkIndex:
             go_on = ~match & ((khi != 0) | (klo != 0))
             active = active[go_on]
             pos[active] = (pos[active] + 1) & (self._cap - 1)
+        for i in active.tolist():
+            result[i] = self._probe_one(int(hi[i]), int(lo[i]), int(pos[i]), insert=False)
         return result
+
+    def _probe_one(self, h: int, l: int, p: int, insert: bool) -> int:
+        table_hi, table_lo, cmask = self._hi, self._lo, self._cap - 1
+        while True:
+            kh, kl = table_hi.item(p), table_lo.item(p)
+            if kh == h and kl == l:
+                return p
+            if kh == 0 and kl == 0:
+                if not insert:
+                    return -1
+                table_hi[p], table_lo[p] = h, l
+                self._used += 1
+                return p
+            p = (p + 1) & cmask
 
     def _find_or_insert(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """Row of each key, inserting absent ones (duplicates in the batch resolve to one row)."""
@@ -179,7 +199,7 @@ class ChunkIndex:
         pos = (lo & np.uint64(cmask)).astype(np.int64)
         result = np.full(hi.size, -1, dtype=np.int64)
         active = np.arange(hi.size)
-        while active.size:
+        while active.size > _SCALAR_TAIL:
             p = pos[active]
             khi, klo = self._hi[p], self._lo[p]
             match = (khi == hi[active]) & (klo == lo[active])
@@ -198,6 +218,8 @@ class ChunkIndex:
             taken = active[~match & ~empty]
             pos[taken] = (pos[taken] + 1) & cmask
             active = active[result[active] < 0]
+        for i in active.tolist():
+            result[i] = self._probe_one(int(hi[i]), int(lo[i]), int(pos[i]), insert=True)
         return result
 
     # ---------------------------------------------------------------- updates

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
 from kvstacks_controller.command import CommandError
 
 INT32_MAX = 2**31 - 1
@@ -17,6 +19,16 @@ _TYPES = {
     "object": "an object", "array": "a list", "string": "a string",
     "integer": "an integer", "number": "a number", "boolean": "true or false",
 }
+
+
+class TokenList(list):
+    """A validated list of token ids that also carries them as a little-endian int32 array.
+
+    It is a plain list to commands (and JSON); the lookup path hashes ``.array``
+    without converting a 32K-item list to numpy a second time.
+    """
+
+    array: np.ndarray
 
 
 def tokens_schema(max_tokens: int) -> dict[str, Any]:
@@ -57,10 +69,11 @@ class Validator:
             schema = self.components[ref[len(prefix):]]
         return schema
 
-    def validate(self, value: Any, schema: Mapping[str, Any], path: str = "") -> None:
+    def validate(self, value: Any, schema: Mapping[str, Any], path: str = "") -> Any:
+        """Check ``value``; return it (integer lists come back as :class:`TokenList`)."""
         schema = self.resolve(schema)
         if value is None and schema.get("nullable"):
-            return
+            return value
         kind = schema.get("type")
         if kind is not None and not _is(value, kind):
             raise _fail(path, f"expected {_TYPES.get(kind, kind)}, got {_describe(value)}")
@@ -70,7 +83,7 @@ class Validator:
         if kind == "object":
             self._object(value, schema, path)
         elif kind == "array":
-            self._array(value, schema, path)
+            return self._array(value, schema, path)
         elif kind == "string":
             if len(value) > schema.get("maxLength", len(value)):
                 raise _fail(path, f"longer than {schema['maxLength']} characters")
@@ -81,6 +94,7 @@ class Validator:
                 raise _fail(path, f"{value} is below the minimum {schema['minimum']}")
             if "maximum" in schema and value > schema["maximum"]:
                 raise _fail(path, f"{value} is above the maximum {schema['maximum']}")
+        return value
 
     def _object(self, value: dict, schema: Mapping[str, Any], path: str) -> None:
         props = schema.get("properties", {})
@@ -94,9 +108,9 @@ class Validator:
                 raise _fail(f"{path}.{extra[0]}" if path else extra[0], f"unknown field; allowed: {allowed}")
         for name, sub in props.items():
             if name in value:
-                self.validate(value[name], sub, f"{path}.{name}" if path else name)
+                value[name] = self.validate(value[name], sub, f"{path}.{name}" if path else name)
 
-    def _array(self, value: list, schema: Mapping[str, Any], path: str) -> None:
+    def _array(self, value: list, schema: Mapping[str, Any], path: str) -> list:
         if "maxItems" in schema and len(value) > schema["maxItems"]:
             raise CommandError(413 if len(value) > 1000 else 400,
                                f"{path or 'body'}: {len(value)} items, more than the limit of {schema['maxItems']}")
@@ -104,24 +118,37 @@ class Validator:
             raise _fail(path, f"needs at least {schema['minItems']} items, got {len(value)}")
         items = schema.get("items")
         if items is None:
-            return
+            return value
         items = self.resolve(items)
         if items.get("type") == "integer" and set(items) <= {"type", "minimum", "maximum", "description"}:
-            # Token lists run to hundreds of thousands of items: check them in bulk.
-            if any(type(v) is not int for v in value):
-                i = next(i for i, v in enumerate(value) if type(v) is not int)
-                raise _fail(f"{path}[{i}]", f"expected an integer, got {_describe(value[i])}")
-            if value:
-                low, high = min(value), max(value)
-                if "minimum" in items and low < items["minimum"]:
-                    i = value.index(low)
-                    raise _fail(f"{path}[{i}]", f"{low} is below the minimum {items['minimum']}")
-                if "maximum" in items and high > items["maximum"]:
-                    i = value.index(high)
-                    raise _fail(f"{path}[{i}]", f"{high} is above the maximum {items['maximum']}")
-            return
+            return self._int_list(value, items, path)
         for i, item in enumerate(value):
-            self.validate(item, items, f"{path}[{i}]")
+            value[i] = self.validate(item, items, f"{path}[{i}]")
+        return value
+
+    def _int_list(self, value: list, items: Mapping[str, Any], path: str) -> list:
+        # Token lists run to hundreds of thousands of items: check them in C-level passes.
+        if not set(map(type, value)) <= {int}:
+            i = next(i for i, v in enumerate(value) if type(v) is not int)
+            raise _fail(f"{path}[{i}]", f"expected an integer, got {_describe(value[i])}")
+        try:
+            array = np.array(value, dtype=np.int64)
+        except OverflowError:
+            i = next(i for i, v in enumerate(value) if not -2**63 <= v < 2**63)
+            raise _fail(f"{path}[{i}]", f"{value[i]} is out of range") from None
+        if array.size:
+            low, high = int(array.min()), int(array.max())
+            if "minimum" in items and low < items["minimum"]:
+                i = int(array.argmin())
+                raise _fail(f"{path}[{i}]", f"{low} is below the minimum {items['minimum']}")
+            if "maximum" in items and high > items["maximum"]:
+                i = int(array.argmax())
+                raise _fail(f"{path}[{i}]", f"{high} is above the maximum {items['maximum']}")
+            if low < 0 or high > INT32_MAX:
+                return value
+        tokens = TokenList(value)
+        tokens.array = array.astype("<i4")
+        return tokens
 
 
 def _describe(value: Any) -> str:

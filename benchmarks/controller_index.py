@@ -1,0 +1,279 @@
+"""Controller chunk index: memory per chunk, admit ingestion rate, /lookup latency.
+
+    python benchmarks/controller_index.py [--chunks 1000000] [--workers 16] [--repeats 3]
+
+Baseline, measured in the same run: LMCache's layout, a Python dict from chunk
+hash to a list of (instance, worker, location) tuples, fed and queried one
+event at a time. Goals: >= 100,000 admit events/s; p99 <= 10 ms for /lookup of
+a 32K-token prompt with 1,000,000 chunks indexed from 16 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from kvstacks.keys import chunk_hashes
+from kvstacks_controller.cluster import Cluster
+from kvstacks_controller.index import ChunkIndex
+from kvstacks_controller.registry import Worker
+from kvstacks_controller.settings import Settings
+
+CHUNK = 256
+PROMPT_TOKENS = 32 * 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ----------------------------------------------------------------------------- baseline
+
+class DictOfLists:
+    """LMCache's KV controller layout: chunk hash -> [(instance, worker, location), ...]."""
+
+    def __init__(self) -> None:
+        self.index: dict[bytes, list[tuple[str, int, str]]] = {}
+
+    def admit(self, holder: tuple[str, int, str], blob: bytes) -> None:
+        # The hashes arrive as one blob per report, as the agent sends them.
+        index = self.index
+        for i in range(0, len(blob), 16):
+            h = blob[i:i + 16]
+            locations = index.get(h)
+            if locations is None:
+                index[h] = [holder]
+            elif holder not in locations:
+                locations.append(holder)
+
+    def lookup(self, tokens: list[int]) -> dict[str, list]:
+        hashes = chunk_hashes(tokens, CHUNK)
+        counts: dict[tuple[str, int, str], int] = {}
+        alive: set | None = None
+        for i, h in enumerate(hashes):
+            here = set(self.index.get(h, ()))
+            alive = here if alive is None else alive & here
+            if not alive:
+                break
+            for holder in alive:
+                counts[holder] = i + 1
+        layout: dict[str, list] = {}
+        for (instance, _, location), n in counts.items():
+            if n * CHUNK > layout.get(instance, [None, 0])[1]:
+                layout[instance] = [location, min(n * CHUNK, len(tokens))]
+        return layout
+
+
+# ----------------------------------------------------------------------------- workload
+
+def make_workload(n_chunks: int, n_workers: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 128_000, PROMPT_TOKENS).tolist()
+    chain = chunk_hashes(prompt, CHUNK)  # 128 chunks
+    filler = rng.bytes(16 * n_chunks)
+    per_worker = [[filler[i * 16:(i + 1) * 16] for i in range(w, n_chunks, n_workers)] for w in range(n_workers)]
+    # Worker 0 holds the whole probe prompt, the others a prefix of it of varying length.
+    for w in range(n_workers):
+        per_worker[w][: 0] = chain[: len(chain) * (n_workers - w) // n_workers]
+    return prompt, per_worker
+
+
+def build_ours(per_worker: list[list[bytes]], batch: int) -> Cluster:
+    cluster = Cluster(Settings(heartbeat_timeout=1e9))  # no heartbeats in a benchmark
+    for w, hashes in enumerate(per_worker):
+        worker = Worker(f"instance-{w}", 0, "s", "127.0.0.1:1", CHUNK, ["cpu"])
+        cluster.add_worker(worker)
+        hid = worker.holders["cpu"]
+        for start in range(0, len(hashes), batch):
+            cluster.index.admit(hid, b"".join(hashes[start:start + batch]))
+    return cluster
+
+
+def build_baseline(per_worker: list[list[bytes]], batch: int) -> DictOfLists:
+    base = DictOfLists()
+    for w, hashes in enumerate(per_worker):
+        for start in range(0, len(hashes), batch):
+            base.admit((f"instance-{w}", 0, "cpu"), b"".join(hashes[start:start + batch]))
+    return base
+
+
+def measure_memory(build, *args) -> tuple[object, int]:
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    obj = build(*args)
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return obj, used
+
+
+def ingestion_rate(per_worker: list[list[bytes]], batch: int, events: int, repeats: int) -> tuple[float, float]:
+    """Median admit events/s of ours (batches of hashes as the agent sends) and of the baseline."""
+    sample = [h for hashes in per_worker for h in hashes][:events]
+    blobs = [b"".join(sample[i:i + batch]) for i in range(0, len(sample), batch)]
+    ours, theirs = [], []
+    for _ in range(repeats):
+        idx = ChunkIndex()
+        hid = idx.holder("i", 0, "cpu")
+        t = time.perf_counter()
+        for blob in blobs:
+            idx.admit(hid, blob)
+        ours.append(len(sample) / (time.perf_counter() - t))
+        base = DictOfLists()
+        t = time.perf_counter()
+        for blob in blobs:
+            base.admit(("i", 0, "cpu"), blob)
+        theirs.append(len(sample) / (time.perf_counter() - t))
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def http_ingestion_rate(batch: int, events: int) -> float:
+    """Admit events/s through the real /worker/admit handler (JSON + hex decode + index), in process."""
+    import httpx
+
+    from kvstacks_controller.app import create_app
+
+    app = create_app(Settings())
+    hashes = os.urandom(16 * events)
+
+    async def run() -> float:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as client:
+            await client.post("/worker/register", json={"instance_id": "i", "worker_id": 0, "session": "s",
+                                                        "address": "127.0.0.1:1", "chunk_size": CHUNK,
+                                                        "tiers": ["cpu"]})
+            bodies = [{"instance_id": "i", "worker_id": 0, "session": "s", "tier": "cpu",
+                       "hashes": hashes[i * 16:(i + batch) * 16].hex()} for i in range(0, events, batch)]
+            t = time.perf_counter()
+            for body in bodies:
+                r = await client.post("/worker/admit", json=body)
+                assert r.status_code == 200, r.text
+            return events / (time.perf_counter() - t)
+
+    return asyncio.run(run())
+
+
+def lookup_latencies(fn, prompt: list[int], n: int) -> list[float]:
+    fn(prompt)  # warm
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn(prompt)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _serve(cluster: Cluster, port: int) -> None:
+    import uvicorn
+
+    from kvstacks_controller.app import create_app
+
+    uvicorn.run(create_app(cluster=cluster), host="127.0.0.1", port=port, log_level="error", access_log=False)
+
+
+def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[float]:
+    """End to end: a client POSTs the 32K-token JSON (encoded once) to the controller over loopback.
+
+    The controller runs in a forked process holding the index built here, as it
+    would in production (a thread in this process would fight the client for the GIL).
+    """
+    import json
+    import multiprocessing
+
+    import httpx
+
+    from kvstacks.testing import free_port
+
+    port = free_port()
+    proc = multiprocessing.get_context("fork").Process(target=_serve, args=(cluster, port), daemon=True)
+    proc.start()
+    body = json.dumps({"tokens": prompt}).encode()
+    out = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client.get("/health")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            for i in range(n + 5):
+                t = time.perf_counter()
+                r = client.post("/lookup", content=body, headers={"content-type": "application/json"})
+                elapsed = time.perf_counter() - t
+                assert r.status_code == 200 and r.json()["layout_info"], r.text
+                if i >= 5:
+                    out.append(elapsed)
+    finally:
+        proc.terminate()
+        proc.join(5)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4096, help="hashes per admit report (the agent's batch_size)")
+    parser.add_argument("--lookups", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    print(f"workload: {args.chunks:,} chunks from {args.workers} workers, chunk {CHUNK} tokens, "
+          f"probe prompt {PROMPT_TOKENS:,} tokens; python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    prompt, per_worker = make_workload(args.chunks, args.workers)
+    total = sum(len(h) for h in per_worker)
+
+    ours, ours_bytes = measure_memory(build_ours, per_worker, args.batch)
+    theirs, theirs_bytes = measure_memory(build_baseline, per_worker, args.batch)
+    assert len(ours.index) == len(theirs.index), (len(ours.index), len(theirs.index))
+    assert ours.lookup(prompt) == {k: v for k, v in theirs.lookup(prompt).items()}, "answers differ"
+
+    rows = []
+    rows.append(("memory per indexed chunk (bytes)", ours_bytes / len(ours.index), theirs_bytes / len(theirs.index),
+                 "lower is better"))
+    for batch in (128, args.batch):
+        rate, base_rate = ingestion_rate(per_worker, batch, min(total, 400_000), args.repeats)
+        rows.append((f"admit events/s, batches of {batch}", rate, base_rate, "goal >= 100,000"))
+    rows.append((f"admit events/s over HTTP (/worker/admit, {args.batch}/batch)",
+                 http_ingestion_rate(args.batch, 200_000), float("nan"), "in-process ASGI"))
+
+    ms = 1e3
+    lat_ours = [statistics.median(lookup_latencies(ours.lookup, prompt, args.lookups)) for _ in range(args.repeats)]
+    ours_all = lookup_latencies(ours.lookup, prompt, args.lookups)
+    base_all = lookup_latencies(theirs.lookup, prompt, args.lookups)
+    rows.append(("lookup 32K tokens, index only, p50 (ms)", statistics.median(lat_ours) * ms,
+                 percentile(base_all, 50) * ms, "hash chain + index"))
+    rows.append(("lookup 32K tokens, index only, p99 (ms)", percentile(ours_all, 99) * ms,
+                 percentile(base_all, 99) * ms, ""))
+    http = http_lookup_latencies(ours, prompt, args.lookups)
+    rows.append(("POST /lookup 32K tokens over loopback, p50 (ms)", percentile(http, 50) * ms, float("nan"),
+                 "JSON + HTTP + lookup"))
+    rows.append(("POST /lookup 32K tokens over loopback, p99 (ms)", percentile(http, 99) * ms, float("nan"),
+                 "goal <= 10 ms"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{width}}  {'kvstacks':>12}  {'dict-of-lists':>14}  {'ratio':>7}  note")
+    for name, value, base, note in rows:
+        ratio = "" if base != base else (f"{base / value:6.1f}x" if "memory" in name or "ms" in name
+                                         else f"{value / base:6.1f}x")
+        base_text = "" if base != base else f"{base:14,.2f}"
+        print(f"{name:<{width}}  {value:12,.2f}  {base_text:>14}  {ratio:>7}  {note}")
+    print(f"\nindex arrays: {ours.index.nbytes / 2**20:.1f} MiB for {len(ours.index):,} chunks "
+          f"(tracemalloc: ours {ours_bytes / 2**20:.1f} MiB, dict-of-lists {theirs_bytes / 2**20:.1f} MiB); "
+          "ratio = how many times better kvstacks is")
+
+
+if __name__ == "__main__":
+    main()
