@@ -1,0 +1,127 @@
+"""A server that dies, hangs or is not there yet: calls fail fast, close() returns, work resumes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstacks.testing import assert_same_obj, free_port, random_key, random_kv, raw_obj
+from kvstacks_redis import RedisBackend, RedisUnavailable
+
+
+def backend(url: str, **options) -> RedisBackend:
+    options = {"prefix": "res:", "connect_timeout": 0.5, "timeout": 1.0, "breaker_failures": 2,
+               "breaker_backoff": 0.2, "breaker_backoff_max": 0.5, "close_timeout": 1.0, **options}
+    return RedisBackend(RedisBackend.Options(url=url, **options))
+
+
+async def until_answering(b: RedisBackend, key, limit: float = 20.0) -> None:
+    """Call until the breaker lets a probe through and the server answers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while True:
+        try:
+            await b.contains(key)
+            return
+        except RedisUnavailable:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def assert_fails_fast_while_open(b: RedisBackend, key, calls: int = 100) -> None:
+    """With the breaker open no call reaches the network: none adds a failure."""
+    assert b.breaker.state == "open"
+    failures = b.breaker.failures
+    b.breaker.retry_at += 3600  # keep it open for the duration of this check
+    try:
+        for i in range(calls):
+            calls = (lambda: b.get(key), lambda: b.contains(key),
+                     lambda: b.put(key, raw_obj(key, random_kv(seed=i))), lambda: b.remove(key))
+            with pytest.raises(RedisUnavailable, match="circuit breaker open"):
+                await calls[i % 4]()
+        with pytest.raises(RedisUnavailable, match="circuit breaker open"):
+            await b.batch_contains([key] * 8)
+    finally:
+        b.breaker.retry_at -= 3600
+    assert b.breaker.failures == failures, "a call went to the dead server while the breaker was open"
+
+
+async def test_server_killed_mid_run_then_restarted(own_redis):
+    server = own_redis()
+    b = backend(server.url)
+    await b.start()
+    key = random_key()
+    obj = raw_obj(key, random_kv(seed=1))
+    await b.put(key, obj)
+    assert_same_obj(await b.get(key), obj, "before the kill")
+
+    server.stop()  # SIGKILL
+    for _ in range(b.options.breaker_failures):
+        with pytest.raises(RedisUnavailable):
+            await b.get(key)
+    await assert_fails_fast_while_open(b, key)
+
+    server.start()  # same port, empty (nothing is persisted)
+    await until_answering(b, key)
+    assert b.breaker.state == "closed"
+    assert await b.get(key) is None
+    await b.put(key, obj)
+    assert_same_obj(await b.get(key), obj, "after the restart")
+    assert b.breaker.opened >= 1
+    await asyncio.wait_for(b.close(), 10)
+
+
+async def test_server_down_at_start_then_comes_up(own_redis, caplog):
+    port = free_port()
+    b = backend(f"redis://127.0.0.1:{port}/0")
+    await b.start()  # must not raise: the stack comes up without its redis tier
+    assert b.breaker.state == "open"
+    assert "unreachable at start" in caplog.text
+    key = random_key()
+    await assert_fails_fast_while_open(b, key)
+
+    own_redis(port=port)
+    await until_answering(b, key)
+    obj = raw_obj(key, random_kv(seed=2))
+    await b.batch_put([(key, obj)])
+    assert_same_obj((await b.batch_get([key]))[0], obj, "once the server came up")
+    await asyncio.wait_for(b.close(), 10)
+
+
+async def test_hung_server_times_out_and_close_returns(own_redis):
+    server = own_redis()
+    b = backend(server.url, timeout=0.5)
+    await b.start()
+    key = random_key()
+    await b.put(key, raw_obj(key, random_kv(seed=3)))
+    server.pause()  # SIGSTOP: the socket stays open but nothing answers
+    try:
+        for _ in range(2):
+            with pytest.raises(RedisUnavailable):
+                await asyncio.wait_for(b.get(key), 10)
+        assert b.breaker.state == "open"
+        # close() is bounded by close_timeout; the outer wait_for only turns a hang into a failure
+        await asyncio.wait_for(b.close(), 10)
+    finally:
+        server.resume()
+    with pytest.raises(RedisUnavailable, match="closed"):
+        await b.get(key)
+    await b.close()  # twice is fine
+
+
+async def test_close_with_calls_in_flight_does_not_hang(own_redis):
+    server = own_redis()
+    b = backend(server.url, timeout=0.5)
+    await b.start()
+    keys = [random_key() for _ in range(16)]
+    server.pause()
+    try:
+        calls = [asyncio.ensure_future(b.get(k)) for k in keys]
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(b.close(), 10)
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert all(isinstance(r, Exception) for r in results)
+    finally:
+        server.resume()
