@@ -53,7 +53,7 @@ class CacheEngine:
             backend = self._registry.create("backends", tc.backend, tc.backend_options)
             policy = self._registry.create("eviction_policies", tc.eviction)
             compressor = self._registry.get("compressors", tc.compressor)(tc.compressor_options)
-            self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor))
+            self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model))
         self._by_name = {t.name: t for t in self.tiers}
         self.io = IOLoop()
         try:

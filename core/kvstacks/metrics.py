@@ -20,6 +20,10 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 _BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 STORE_SECONDS = Histogram("kvstacks_store_seconds", "Time spent in store() per call", buckets=_BUCKETS, registry=REGISTRY)
 RETRIEVE_SECONDS = Histogram("kvstacks_retrieve_seconds", "Time spent in retrieve() per call", buckets=_BUCKETS, registry=REGISTRY)
+TIER_WRITE_SECONDS = Histogram("kvstacks_tier_write_seconds", "Time to write one chunk to a tier on the I/O loop",
+                               ["model", "tier"], buckets=_BUCKETS, registry=REGISTRY)
+TIER_READ_SECONDS = Histogram("kvstacks_tier_read_seconds", "Time to read one chunk from a tier on the I/O loop",
+                              ["model", "tier"], buckets=_BUCKETS, registry=REGISTRY)
 
 _engines: "weakref.WeakSet[Any]" = weakref.WeakSet()
 

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kvstacks import metrics
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.compression import Compressor
 from kvstacks.config import TierConfig
@@ -58,6 +59,7 @@ class Tier:
         policy: EvictionPolicy,
         compressor: Compressor,
         compressors: Callable[[str], Compressor],
+        model: str = "default",
     ) -> None:
         self.config = config
         self.name = config.name
@@ -77,6 +79,8 @@ class Tier:
         self.stats = TierStats()
         self.lock = threading.RLock()
         self._last_full_log = 0.0
+        self.write_seconds = metrics.TIER_WRITE_SECONDS.labels(model, self.name)
+        self.read_seconds = metrics.TIER_READ_SECONDS.labels(model, self.name)
 
     # -- bookkeeping (sync, under the lock) ---------------------------------
 
@@ -283,6 +287,7 @@ class Tier:
             for victim, leased in evicted:
                 self.drop_now(victim, leased)
             return [(k, 0) for k, _ in evicted]
+        started = time.perf_counter()
         encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
         admission = self.reserve(key, encoded.nbytes)
         if admission.already_present:
@@ -294,6 +299,7 @@ class Tier:
             self.forget(key)
             raise
         self.stats.bytes_written += encoded.nbytes
+        self.write_seconds.observe(time.perf_counter() - started)
         for victim, _ in admission.victims:
             try:
                 await self.backend.remove(victim)
@@ -304,6 +310,7 @@ class Tier:
 
     async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
         """Fetch (and decode) a copy the caller owns; a failure or a corrupt chunk is a miss (and is forgotten)."""
+        started = time.perf_counter()
         try:
             if isinstance(self.backend, InProcessBackend):
                 leased = self.backend.get_now(key)
@@ -331,6 +338,7 @@ class Tier:
                 pass
             return None
         self.stats.bytes_read += obj.nbytes
+        self.read_seconds.observe(time.perf_counter() - started)
         self.touch(key)
         return decoded
 

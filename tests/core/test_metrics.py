@@ -23,5 +23,7 @@ def test_tier_metrics_follow_engine_stats():
     assert values["kvstacks_tier_bytes"] == 512
     assert values["kvstacks_tier_capacity"] == 1 << 20
     assert values["kvstacks_tier_pins"] == 2
+    assert "kvstacks_tier_write_seconds_bucket" in text and "kvstacks_tier_read_seconds_bucket" in text
     assert "kvstacks_store_seconds_count" in text and "kvstacks_retrieve_seconds_bucket" in text
-    assert "metrics-test" not in generate_latest(REGISTRY).decode()  # a closed engine is no longer reported
+    # a closed engine's tiers are no longer reported
+    assert 'kvstacks_tier_objects{model="metrics-test"' not in generate_latest(REGISTRY).decode()
