@@ -18,6 +18,7 @@ with any options (a tier that changes ``byte_split`` still reads old chunks)::
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -49,6 +50,16 @@ def _expected_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[int, i
         count *= dim
     itemsize = torch.empty((), dtype=dtype).element_size()
     return count * itemsize, itemsize
+
+
+def _split_planes(raw: np.ndarray, itemsize: int) -> list[np.ndarray]:
+    """Plane ``i`` holds byte ``i`` (in memory order) of every value."""
+    if itemsize == 2 and sys.byteorder == "little":
+        # Shifts and narrowing casts run contiguously: about 4x faster than a strided gather.
+        values = raw.view(np.uint16)
+        return [values.astype(np.uint8), (values >> 8).astype(np.uint8)]
+    by_value = raw.reshape(-1, itemsize)
+    return [np.ascontiguousarray(by_value[:, i]) for i in range(itemsize)]
 
 
 class NoCompressor(Compressor):
@@ -94,8 +105,7 @@ class _PlaneCompressor(Compressor):
         raw = _kv_bytes(kv)
         itemsize = kv.element_size()
         if self._byte_split() and itemsize > 1 and raw.size:
-            by_value = raw.reshape(-1, itemsize)
-            planes = [np.ascontiguousarray(by_value[:, i]) for i in range(itemsize)]
+            planes = _split_planes(raw, itemsize)
         else:
             planes = [raw]
         parts: list[tuple[int, bytes | bytearray | np.ndarray]] = []
