@@ -117,3 +117,41 @@ def test_yaml_stack_and_cli_bench(tmp_path):
     assert set(report["tiers"]) == {"cpu", "disk"} and report["memcpy_gbps"] > 0
     assert all(row["store_gbps"] > 0 and row["retrieve_gbps"] > 0 for row in report["tiers"].values())
     assert not any((tmp_path / "cache").rglob("*.kvc"))  # the bench removed what it wrote
+
+
+def test_threads_storing_and_reading_under_eviction_never_see_garbage(tmp_path):
+    import threading
+
+    cfg = stack(tmp_path)
+    chunk_bytes = 2 * LAYERS * 64 * HIDDEN * 2
+    cfg["stack"][0]["capacity"] = 6 * chunk_bytes  # constant eviction in the CPU tier
+    errors: list[str] = []
+    with CacheEngine.from_config(cfg) as engine:
+        def worker(w: int) -> None:
+            for i in range(30):
+                p = (w * 7 + i) % 12  # prompts shared between threads
+                tokens = [p] * 128
+                expected = kv_for(128, seed=p)
+                engine.store(tokens, expected)
+                out, n = engine.retrieve(tokens)
+                if n and not torch.equal(out, expected[:, :, :n]):
+                    errors.append(f"worker {w} prompt {p}: wrong bytes for {n} tokens")
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        stats = engine.stats()
+        assert stats["cpu"]["evictions"] > 0 and stats["cpu"]["bytes"] <= 6 * chunk_bytes
+
+
+def test_offload_wait_mode_applies_back_pressure_and_loses_nothing(tmp_path):
+    cfg = stack(tmp_path, offload={"when_full": "wait", "queue_bytes": "64KiB", "workers": 1})
+    with CacheEngine.from_config(cfg) as engine:
+        for i in range(20):
+            engine.store([i] * 64, kv_for(64, seed=i))
+        engine.offloader.drain(30)
+        assert engine.stats()["disk"]["objects"] == 20
+        assert engine.stats()["disk"]["dropped"] == 0
