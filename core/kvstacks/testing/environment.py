@@ -19,7 +19,7 @@ def in_ci() -> bool:
 def _missing(message: str) -> None:
     if in_ci():
         pytest.fail(f"{message} (CI=true: every dependency must be installed in CI)", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
 
 
 def require(module_name: str, hint: str = "") -> ModuleType:
