@@ -10,6 +10,12 @@ Each put or get is one hop to a worker thread that does the whole job with plain
 ``os`` calls (encode, write, rename; or read, verify). aiofiles makes a thread
 hop per call (open, each write, close, rename), which ``benchmarks/disk_tier.py``
 measures as slower for small chunks and no faster for large ones.
+
+Read buffers. ``get`` returns an object whose tensor lives in a buffer of this
+backend. The caller owns it; a caller that is done with it (copied it out, and
+kept no reference) may call ``release(obj)`` so the next read reuses the buffer
+instead of faulting in fresh memory. Without ``release`` the buffer is simply
+freed with the object.
 """
 
 from __future__ import annotations
@@ -20,18 +26,21 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterable
 
 import torch
 from kvstacks.backend import Backend
+from kvstacks.config import Size
 from kvstacks.errors import ConfigError, CorruptChunk
 from kvstacks.frame import decode, encode_parts
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 from tqdm import tqdm
 
+from kvstacks_disk import direct as io
 from kvstacks_disk import layout
 
 log = logging.getLogger("kvstacks.disk")
@@ -41,8 +50,12 @@ PROGRESS_THRESHOLD = 5000
 #: a temp file older than this is a leftover of a crashed writer, removed at start
 STALE_TEMP_SECONDS = 3600.0
 
-_OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_OPEN_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+class ReadObj(MemoryObj):
+    """A chunk read from disk; weak-referenceable so its buffer's fate can be tracked."""
+
+    __slots__ = ("__weakref__",)
 
 
 class DiskBackend(Backend):
@@ -60,6 +73,10 @@ class DiskBackend(Backend):
         create: bool = True
         #: several processes use this path: lookups then ask the disk, not this process's index
         shared: bool = False
+        #: bypass the page cache (O_DIRECT); null: whenever the filesystem supports it
+        o_direct: bool | None = None
+        #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes
+        buffer_pool: Size = Size(256 << 20)
 
     def __init__(self, options: "DiskBackend.Options") -> None:
         super().__init__(options)
@@ -67,11 +84,24 @@ class DiskBackend(Backend):
         self.shared = self.options.shared
         self.corrupt_count = 0
         self._count_lock = threading.Lock()
+        self.direct = False  # decided at start()
+        self._buffers = io.AlignedBuffers(self.options.buffer_pool)
+        # Objects handed out by get(), by id: (weak reference, buffer to recycle on release).
+        self._lent: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
         await asyncio.to_thread(self._check_root)
+        wanted = self.options.o_direct
+        supported = await asyncio.to_thread(io.supports_direct, self.root)
+        if wanted and not supported:
+            raise ConfigError("o_direct", f"the filesystem of {self.root} does not support O_DIRECT; "
+                              "set o_direct: false (or leave it unset to choose automatically)")
+        self.direct = supported if wanted is None else wanted
+
+    async def close(self) -> None:
+        self._buffers.clear()
 
     def _check_root(self) -> None:
         root = self.root
@@ -88,7 +118,7 @@ class DiskBackend(Backend):
             raise ConfigError("path", f"{root} is not a directory; point path at a directory for the chunk files")
         probe = os.path.join(root, f".kvstacks-probe.{os.getpid()}.{secrets.token_hex(4)}{layout.TEMP_SUFFIX}")
         try:
-            fd = os.open(probe, _OPEN_WRITE, 0o644)
+            fd = os.open(probe, io.OPEN_WRITE, 0o644)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
@@ -111,6 +141,19 @@ class DiskBackend(Backend):
 
     async def remove(self, key: CacheKey) -> bool:
         return await asyncio.to_thread(self._unlink, layout.chunk_path(self.root, key))
+
+    async def release(self, obj: MemoryObj) -> None:
+        """The caller is done with ``obj`` from ``get``: its buffer may be reused."""
+        self.release_now(obj)
+
+    def release_now(self, obj: MemoryObj) -> None:
+        entry = self._lent.pop(id(obj), None)
+        if entry is not None:
+            ref, buffer = entry
+            if ref() is obj:
+                self._buffers.give_back(buffer)
+            else:  # an id reused by an unrelated object: not ours to release
+                self._lent[id(obj)] = entry
 
     async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
         await asyncio.gather(*(self.put(key, obj) for key, obj in items))
@@ -135,14 +178,15 @@ class DiskBackend(Backend):
         parts = encode_parts(obj)
         directory, name = os.path.split(path)
         temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}{layout.TEMP_SUFFIX}")
+        flags = io.OPEN_WRITE | (io.O_DIRECT if self.direct else 0)
         try:
-            fd = os.open(temp, _OPEN_WRITE, 0o644)
+            fd = os.open(temp, flags, 0o644)
         except FileNotFoundError:
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(temp, _OPEN_WRITE, 0o644)
+            fd = os.open(temp, flags, 0o644)
         try:
             try:
-                _write_all(fd, parts)
+                io.write_file(fd, parts, self.direct, self._buffers)
                 if self.options.fsync:
                     os.fsync(fd)
             finally:
@@ -155,24 +199,29 @@ class DiskBackend(Backend):
             _fsync_dir(directory)
 
     def _read(self, path: str, key: CacheKey) -> MemoryObj | None:
-        try:
-            fd = os.open(path, _OPEN_READ)
-        except FileNotFoundError:
+        read = io.read_file(path, self.direct, self._buffers)
+        if read is None:
             return None
+        buffer, view, st = read
         try:
-            st = os.fstat(fd)
-            buffer = torch.empty(st.st_size, dtype=torch.uint8)
-            view = memoryview(buffer.numpy())
-            got = _read_all(fd, view)
-        finally:
-            os.close(fd)
-        try:
-            if got != st.st_size:
-                raise CorruptChunk(f"file shrank while being read ({got} of {st.st_size} bytes)")
-            return decode(view, expect_key=key)
+            if len(view) != st.st_size:
+                raise CorruptChunk(f"file shrank while being read ({len(view)} of {st.st_size} bytes)")
+            decoded = decode(view, expect_key=key)
         except CorruptChunk as exc:
+            self._buffers.give_back(buffer)
             self._drop_corrupt(path, st, exc)
             return None
+        obj = ReadObj(decoded.key, decoded.data, decoded.shape, decoded.dtype, decoded.compressor)
+        ident = id(obj)
+        self._lent[ident] = (weakref.ref(obj, lambda ref, ident=ident: self._forget(ident, ref)), buffer)
+        return obj
+
+    def _forget(self, ident: int, ref: weakref.ref) -> None:
+        # The object died without release(): someone may still hold its tensor, so
+        # the buffer is not reused; it is freed with the last reference.
+        entry = self._lent.get(ident)
+        if entry is not None and entry[0] is ref:
+            self._lent.pop(ident, None)
 
     def _drop_corrupt(self, path: str, st: os.stat_result, exc: CorruptChunk) -> None:
         # Another process may have renamed a good chunk over the bad one since we
@@ -241,27 +290,6 @@ class DiskBackend(Backend):
             except UnicodeDecodeError:
                 continue
         return out
-
-
-def _write_all(fd: int, parts: list) -> None:
-    views = [memoryview(p).cast("B") for p in parts]
-    while views:
-        written = os.writev(fd, views)
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _read_all(fd: int, view: memoryview) -> int:
-    got = 0
-    while got < len(view):
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            break
-        got += n
-    return got
 
 
 def _fsync_dir(directory: str) -> None:
