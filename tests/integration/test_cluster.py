@@ -70,20 +70,21 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
 
-    def start_controller(self) -> None:
+    def start_controller(self, wait: bool = True) -> None:
         cmd = [sys.executable, "-c", "from kvstacks.cli import main; main()", "controller", "--host", "127.0.0.1",
                "--port", str(self.port), "--heartbeat-timeout", str(TIMEOUT), "--worker-timeout", "5",
                "--log-level", "warning"]
         self.controller = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
                                            stderr=open(self.tmp / "controller.log", "ab"))
-        self.wait(lambda: self.http.get("/health").status_code == 200, "controller start")
+        if wait:
+            self.wait(lambda: self.http.get("/health").status_code == 200, "controller start", timeout=60)
 
     def stop_controller(self) -> None:
         assert self.controller is not None
         self.controller.send_signal(signal.SIGTERM)
         self.controller.wait(10)
 
-    def start_worker(self, instance: str, prompts: list[list[int]], seed: int) -> None:
+    def start_worker(self, instance: str, prompts: list[list[int]], seed: int) -> subprocess.Popen:
         stack = {
             "model": "test-model", "chunk_size": CHUNK,
             "stack": [{"backend": "cpu", "capacity": "4MiB"},
@@ -94,10 +95,15 @@ class Cluster:
         spec = json.dumps({"stack": stack, "prompts": prompts, "seed": seed})
         proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, spec], env=_env(), stdout=subprocess.PIPE,
                                 stderr=open(self.tmp / f"{instance}.log", "ab"), text=True)
+        self.workers[instance] = proc
+        return proc
+
+    def worker_ready(self, instance: str) -> None:
+        """Wait for a started worker to print its address (its engine is built and stored its prompts)."""
+        proc = self.workers[instance]
         line = proc.stdout.readline()
         if not line:
             raise AssertionError(f"worker {instance} died: {(self.tmp / f'{instance}.log').read_text()[-3000:]}")
-        self.workers[instance] = proc
         self.addresses[instance] = json.loads(line)["address"]
 
     def worker_command(self, instance: str, op: str, **args) -> dict:
@@ -152,9 +158,13 @@ def cluster(tmp_path_factory):
     require("kvstacks_controller", "pip install -e controller")
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        c.start_controller()
+        # All three start at once: workers keep trying to register until the controller is up.
+        c.start_controller(wait=False)
         c.start_worker("lmcache_instance_1", [SEED_TOKENS, LONG_PROMPT], seed=1)
         c.start_worker("lmcache_instance_2", [LONG_PROMPT[:20]], seed=2)
+        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start", timeout=60)
+        c.worker_ready("lmcache_instance_1")
+        c.worker_ready("lmcache_instance_2")
         yield c
     finally:
         c.close()
@@ -306,6 +316,7 @@ def test_sigkilled_worker_goes_unhealthy_and_a_failed_move_keeps_the_source(clus
 
 def test_worker_coming_back_rejoins(cluster):
     cluster.start_worker("lmcache_instance_2", [LONG_PROMPT[:20]], seed=2)
+    cluster.worker_ready("lmcache_instance_2")
     layout = cluster.wait(lambda: (lay := cluster.lookup(LONG_PROMPT)).get("lmcache_instance_2") and lay,
                           "restarted worker indexed")
     assert layout["lmcache_instance_2"][1] == 20
