@@ -11,8 +11,10 @@ real KV; ``--real`` prefills SmolLM2-135M-Instruct (the GGUF that the
 256-token chunks as a tier would store it.
 
 Throughput is MB/s of *uncompressed* KV on one thread (torch is limited to one
-thread for the memcpy baseline too), median over repeats. The machine is shared:
-read the ratios to memcpy measured in the same run, not the absolute numbers.
+thread for the memcpy baseline too), median over repeats. "x memcpy" is the
+median over repeats of (memcpy time / codec time), each codec run paired with a
+memcpy run just before it. The machine is shared: read those ratios, not the
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -43,14 +45,26 @@ CONFIGS: list[tuple[str, Compressor]] = [
 ]
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm up (allocator, page faults)
-    times = []
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(fn: Callable[[], object], baseline: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn``, and the median of its speed relative to ``baseline`` run just before it.
+
+    On a shared machine the load changes from second to second: pairing each run
+    with a baseline run keeps the ratio meaningful when absolute numbers are not.
+    """
+    fn(), baseline()  # warm up (allocator, page faults)
+    times, ratios = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        base = seconds(baseline)
+        t = seconds(fn)
+        times.append(t)
+        ratios.append(base / t)
+    return statistics.median(times), statistics.median(ratios)
 
 
 def real_kv_chunks(tokens: int) -> list[torch.Tensor]:
@@ -87,7 +101,8 @@ def measure(label: str, chunks: list[torch.Tensor], repeats: int) -> None:
         for d, c in zip(dst, chunks):
             d.copy_(c)
 
-    base = raw_bytes / median_seconds(memcpy, repeats) / 1e6
+    memcpy_s, _ = paired(memcpy, memcpy, repeats)
+    base = raw_bytes / memcpy_s / 1e6
     print(f"{'compressor':30} {'ratio':>7} {'encode MB/s':>12} {'x memcpy':>9} {'decode MB/s':>12} {'x memcpy':>9}")
     print(f"{'memcpy (baseline)':30} {1.0:>7.3f} {base:>12.0f} {1.0:>9.3f} {base:>12.0f} {1.0:>9.3f}")
     for name, coder in CONFIGS:
@@ -96,12 +111,13 @@ def measure(label: str, chunks: list[torch.Tensor], repeats: int) -> None:
             out = coder.decompress(memoryview(p), tuple(c.shape), c.dtype)
             assert torch.equal(out.view(torch.uint8), c.view(torch.uint8)), f"{name} did not round-trip"
         ratio = raw_bytes / sum(len(p) for p in payloads)
-        enc = raw_bytes / median_seconds(lambda: [coder.compress(c) for c in chunks], repeats) / 1e6
-        dec = raw_bytes / median_seconds(
+        enc_s, enc_x = paired(lambda: [coder.compress(c) for c in chunks], memcpy, repeats)
+        dec_s, dec_x = paired(
             lambda: [coder.decompress(memoryview(p), tuple(c.shape), c.dtype) for p, c in zip(payloads, chunks)],
-            repeats,
-        ) / 1e6
-        print(f"{name:30} {ratio:>7.3f} {enc:>12.0f} {enc / base:>9.3f} {dec:>12.0f} {dec / base:>9.3f}")
+            memcpy, repeats,
+        )
+        print(f"{name:30} {ratio:>7.3f} {raw_bytes / enc_s / 1e6:>12.0f} {enc_x:>9.3f} "
+              f"{raw_bytes / dec_s / 1e6:>12.0f} {dec_x:>9.3f}")
 
 
 def main() -> None:
