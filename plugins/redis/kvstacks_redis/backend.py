@@ -16,7 +16,7 @@ from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 
-from kvstacks_redis.breaker import CircuitBreaker, RedisUnavailable
+from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
 from kvstacks_redis.connect import RedisOptions, build_client, redacted
 from kvstacks_redis.wire import put_frames
 
@@ -106,6 +106,7 @@ class RedisBackend(Backend):
         if self.client is None:
             raise RedisUnavailable(f"redis tier {self._where()} is {'closed' if self._closed else 'not started'}")
         self.breaker.check()
+        recovering = self.breaker.state != CLOSED
         assert self._slots is not None
         settled = False
         try:
@@ -113,6 +114,8 @@ class RedisBackend(Backend):
                 result = await call(self.client)
             settled = True
             self.breaker.success()
+            if recovering:
+                await self._drop_stale_connections()
             return result
         except UNREACHABLE as exc:
             settled = True
@@ -130,6 +133,15 @@ class RedisBackend(Backend):
         finally:
             if not settled:
                 self.breaker.abandon()
+
+    async def _drop_stale_connections(self) -> None:
+        """After an outage every idle pooled socket is suspect: reconnect instead of failing once more."""
+        pool = getattr(self.client, "connection_pool", None)  # a cluster client reconnects per node itself
+        if pool is not None:
+            try:
+                await pool.disconnect(inuse_connections=False)
+            except Exception as exc:
+                log.debug("redis tier: dropping idle connections: %s", exc)
 
     def _name(self, key: CacheKey) -> bytes:
         return self.prefix + key.to_string().encode("utf-8")
