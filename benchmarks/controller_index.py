@@ -257,6 +257,12 @@ def main() -> None:
                  percentile(base_all, 50) * ms, "hash chain + index"))
     rows.append(("lookup 32K tokens, index only, p99 (ms)", percentile(ours_all, 99) * ms,
                  percentile(base_all, 99) * ms, ""))
+    import json
+
+    body = json.dumps({"tokens": prompt}).encode()
+    parse = lookup_latencies(lambda _: json.loads(body), prompt, args.lookups)
+    rows.append(("json.loads of the same 32K-token body (reference), p50 (ms)", percentile(parse, 50) * ms,
+                 float("nan"), "machine-speed yardstick"))
     http = http_lookup_latencies(ours, prompt, args.lookups)
     rows.append(("POST /lookup 32K tokens over loopback, p50 (ms)", percentile(http, 50) * ms, float("nan"),
                  "JSON + HTTP + lookup"))

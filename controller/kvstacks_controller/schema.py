@@ -132,7 +132,7 @@ class Validator:
             i = next(i for i, v in enumerate(value) if type(v) is not int)
             raise _fail(f"{path}[{i}]", f"expected an integer, got {_describe(value[i])}")
         try:
-            array = np.array(value, dtype=np.int64)
+            array = np.fromiter(value, dtype=np.int64, count=len(value))  # all ints: checked above
         except OverflowError:
             i = next(i for i, v in enumerate(value) if not -2**63 <= v < 2**63)
             raise _fail(f"{path}[{i}]", f"{value[i]} is out of range") from None

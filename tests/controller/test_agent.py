@@ -1,0 +1,59 @@
+"""The worker agent's config validation and event queue (its network side runs in tests/integration)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstacks.agent import Agent, AgentOptions, parse_options
+from kvstacks.errors import ConfigError
+from kvstacks.keys import CacheKey
+
+
+@pytest.mark.parametrize("section,path,message", [
+    ({"instance_id": "a"}, "controller.url", "is required"),
+    ({"url": "http://h:1"}, "controller.instance_id", "is required"),
+    ({"url": "h:1", "instance_id": "a"}, "controller.url", "expected http://host:port"),
+    ({"url": "http://h:1", "instance_id": "a", "heartbeat_interval": "fast"}, "controller.heartbeat_interval",
+     "expected a number"),
+    ({"url": "http://h:1", "instance_id": "a", "heartbeat_interval": 0}, "controller.heartbeat_interval",
+     "positive"),
+    ({"url": "http://h:1", "instance_id": "a", "colour": "red"}, "controller.colour", "unknown option"),
+    ({"url": "http://h:1", "instance_id": "a", "listen_port": 70000}, "controller.listen_port", "port"),
+])
+def test_config_errors_name_the_yaml_path(section, path, message):
+    with pytest.raises(ConfigError) as info:
+        parse_options(section)
+    assert info.value.path == path and message in info.value.message
+
+
+def test_defaults():
+    options = parse_options({"url": "http://127.0.0.1:9000", "instance_id": "i"})
+    assert options.listen_host == "127.0.0.1" and options.worker_id is None
+
+
+class _Config:
+    rank = 3
+    chunk_size = 4
+
+
+class _Engine:
+    config = _Config()
+
+
+def _keys(n: int) -> list[CacheKey]:
+    return [CacheKey("m", "kv", 1, 0, i.to_bytes(16, "little")) for i in range(n)]
+
+
+def test_reports_queue_without_blocking_and_overflow_forces_a_resync():
+    agent = Agent(_Engine(), AgentOptions(url="http://127.0.0.1:1", instance_id="i", max_pending=10), token="t")
+    assert agent.worker_id == 3
+    agent.registered = True
+    agent.report("admit", "cpu", _keys(4))
+    agent.report("evict", "cpu", _keys(2))
+    assert [kind for kind, _, _ in agent._take()] == ["admit", "evict"]
+    assert agent.registered
+    agent.report("admit", "cpu", _keys(6))
+    agent.report("admit", "cpu", _keys(6))  # beyond max_pending: dropped, resync instead
+    agent.report("admit", "cpu", _keys(1))
+    assert agent._take() == []
+    assert not agent.registered  # the reporter registers again and re-reports engine.keys()
