@@ -124,7 +124,7 @@ class RedisBackend(Backend):
         except rexc.ResponseError as exc:
             settled = True
             self.breaker.success()  # the server answered: it is up
-            if str(exc).startswith("OOM"):
+            if isinstance(exc, rexc.OutOfMemoryError) or str(exc).startswith("OOM"):
                 raise TierFull(
                     f"Redis is out of memory ({self._where()}): maxmemory is reached and its policy refuses writes; "
                     "set maxmemory-policy allkeys-lru (or volatile-lru with a ttl), raise maxmemory, or lower this tier's capacity"
