@@ -143,3 +143,56 @@ async def test_tls_with_client_certificate(own_redis, tmp_path):
     with pytest.raises(RedisUnavailable):
         await anonymous.get(key)
     await anonymous.close()
+
+
+async def test_ttl_and_prefix_are_applied(redis_server):
+    with_ttl = backend(url=redis_server.url, prefix="ttl-test:", ttl=30)
+    plain = backend(url=redis_server.url, prefix="ttl-test-none:")
+    for b in (with_ttl, plain):
+        await b.start()
+    k1, k2 = random_key(), random_key()
+    await with_ttl.batch_put([(k1, raw_obj(k1, random_kv(seed=4))), (k2, raw_obj(k2, random_kv(seed=5)))])
+    await plain.put(k1, raw_obj(k1, random_kv(seed=6)))
+    for key in (k1, k2):
+        ttl_ms = int(redis_server.cli("PTTL", f"ttl-test:{key.to_string()}"))
+        assert 0 < ttl_ms <= 30_000
+    assert int(redis_server.cli("PTTL", f"ttl-test-none:{k1.to_string()}")) == -1  # no expiry
+    # prefixes keep the two apart: each lists and clears only its own
+    assert {k async for k, _ in with_ttl.keys()} == {k1, k2}
+    assert {k async for k, _ in plain.keys()} == {k1}
+    await plain.clear()
+    assert await with_ttl.batch_contains([k1, k2]) == [True, True]
+    for b in (with_ttl, plain):
+        await b.close()
+
+
+async def test_prefix_with_glob_characters_lists_only_its_own(redis_server):
+    star = backend(url=redis_server.url, prefix="glob*[x]?:")
+    other = backend(url=redis_server.url, prefix="globZxQ:")
+    for b in (star, other):
+        await b.start()
+    k1, k2 = random_key(), random_key()
+    await star.put(k1, raw_obj(k1, random_kv(seed=7)))
+    await other.put(k2, raw_obj(k2, random_kv(seed=8)))
+    assert {k async for k, _ in star.keys()} == {k1}
+    await star.clear()
+    assert await other.contains(k2)
+    for b in (star, other):
+        await b.close()
+
+
+async def test_foreign_value_under_the_prefix_is_a_miss_and_is_left_alone(redis_server):
+    b = backend(url=redis_server.url, prefix="foreign:")
+    await b.start()
+    key = random_key()
+    name = f"foreign:{key.to_string()}"
+    redis_server.cli("SET", name, "someone else's value")
+    assert await b.get(key) is None
+    assert redis_server.cli("GET", name).strip() == "someone else's value"
+    # a valid frame of another key stored under this key's name is not served either
+    other = random_key()
+    await b.put(other, raw_obj(other, random_kv(seed=9)))
+    redis_server.cli("COPY", f"foreign:{other.to_string()}", name, "REPLACE")
+    assert await b.get(key) is None
+    assert b.corrupt == 2
+    await b.close()
