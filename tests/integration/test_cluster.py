@@ -186,6 +186,15 @@ def test_admin_token_is_required(cluster):
     assert httpx.get(f"{cluster.url}/metrics", trust_env=False).status_code == 200
 
 
+def test_plugins_and_openapi(cluster):
+    plugins = cluster.http.get("/plugins").json()["plugins"]
+    registers = {p["name"]: p["registers"] for p in plugins}
+    assert "lookup" in registers["controller"]["commands"]
+    assert "tcp" in registers["kvstacks.builtin.transfer"]["transfer_channels"]
+    spec = cluster.http.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and "/move" in spec["paths"]
+
+
 def test_lookup_with_the_seed_body(cluster):
     layout = cluster.wait(lambda: (lay := cluster.lookup(SEED_TOKENS)) and lay, "seed tokens indexed")
     assert layout == {"lmcache_instance_1": ["cpu", 12]}
