@@ -249,3 +249,11 @@ def redis_sentinel(tmp_path_factory):
     setup = RedisWithSentinel(tmp_path_factory.mktemp("sentinel")).start()
     yield setup
     setup.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster this test alone uses, and may break."""
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()

@@ -125,3 +125,40 @@ async def test_close_with_calls_in_flight_does_not_hang(own_redis):
         assert all(isinstance(r, Exception) for r in results)
     finally:
         server.resume()
+
+
+async def test_cluster_node_killed_then_back(own_cluster):
+    b = backend(own_cluster.url, mode="cluster", breaker_backoff=0.3)
+    await b.start()
+    keys = [random_key() for _ in range(30)]
+    objs = [raw_obj(k, random_kv(seed=i)) for i, k in enumerate(keys)]
+    await b.batch_put(list(zip(keys, objs)))
+    victim = own_cluster.nodes[1]
+    victim.stop()  # a master with no replica: its slots are gone
+    with pytest.raises(RedisUnavailable):
+        for _ in range(10):  # the slot map may route some calls to live nodes first
+            await asyncio.wait_for(b.batch_get(keys), 15)
+    for _ in range(b.options.breaker_failures):
+        try:
+            await asyncio.wait_for(b.batch_contains(keys), 15)
+        except RedisUnavailable:
+            pass
+    await assert_fails_fast_while_open(b, keys[0])
+
+    victim.start()  # same port and nodes.conf: it rejoins with its slots (and no data)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        try:
+            present = await b.batch_contains(keys)
+            break
+        except RedisUnavailable:
+            assert loop.time() < deadline, "the cluster tier did not resume"
+            await asyncio.sleep(0.1)
+    assert 0 < sum(present) < len(keys), "the restarted master's keys are gone, the others' kept"
+    for key, obj, there in zip(keys, objs, present):
+        if there:
+            assert_same_obj(await b.get(key), obj, "a key on a surviving node")
+    await b.put(keys[0], objs[0])
+    assert_same_obj(await b.get(keys[0]), objs[0], "after the node came back")
+    await asyncio.wait_for(b.close(), 10)
