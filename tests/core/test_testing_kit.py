@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import zlib
@@ -12,7 +11,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from kvstacks.backend import Backend, InProcessBackend
+from kvstacks.backend import InProcessBackend
 from kvstacks.compression import Compressor
 from kvstacks.errors import CorruptChunk
 from kvstacks.eviction import EvictionPolicy
