@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from kvstacks.config import build_options
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj

@@ -35,7 +35,7 @@ import torch
 from kvstacks.backend import Backend
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError, CorruptChunk
-from kvstacks.frame import decode, encode_parts
+from kvstacks.frame import decode
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 from tqdm import tqdm
@@ -175,7 +175,6 @@ class DiskBackend(Backend):
     # -- the work, in a worker thread ------------------------------------------------
 
     def _write(self, path: str, obj: MemoryObj) -> None:
-        parts = encode_parts(obj)
         directory, name = os.path.split(path)
         temp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}{layout.TEMP_SUFFIX}")
         flags = io.OPEN_WRITE | (io.O_DIRECT if self.direct else 0)
@@ -186,7 +185,7 @@ class DiskBackend(Backend):
             fd = os.open(temp, flags, 0o644)
         try:
             try:
-                io.write_file(fd, parts, self.direct, self._buffers)
+                io.write_file(fd, obj, self.direct, self._buffers)
                 if self.options.fsync:
                     os.fsync(fd)
             finally:

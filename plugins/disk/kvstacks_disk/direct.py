@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import threading
 
 import torch
+import xxhash
+from kvstacks.frame import encode_parts, header
+from kvstacks.memory import MemoryObj
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -68,21 +72,38 @@ class AlignedBuffers:
             self._idle = 0
 
 
-def write_file(fd: int, parts: list, direct: bool, staging: AlignedBuffers) -> None:
-    """Write ``parts`` back to back at the start of ``fd``."""
-    if not direct:
-        _write_all(fd, [memoryview(p).cast("B") for p in parts])
+def encode_into(obj: MemoryObj, buffer: torch.Tensor) -> int:
+    """Write ``obj``'s frame (``kvstacks.frame``, byte for byte) into ``buffer``; return its length.
+
+    The payload is copied straight from ``obj.data``, strided or not: a chunk
+    sliced out of a longer KV costs one copy here instead of ``contiguous()``
+    into fresh memory plus a copy into the staging buffer.
+    """
+    head = header(obj)
+    start, payload = len(head), obj.nbytes
+    end = start + payload
+    view = memoryview(buffer.numpy())
+    view[:start] = head
+    if payload:
+        src = obj.data
+        if src.stride(-1) != 1:
+            src = src.contiguous()
+        as_bytes = src if src.dtype == torch.uint8 else src.view(torch.uint8)
+        buffer[start:end].view(as_bytes.shape).copy_(as_bytes)
+    struct.pack_into("<Q", view, end, xxhash.xxh3_64(view[:end]).intdigest())
+    return end + 8
+
+
+def write_file(fd: int, obj: MemoryObj, direct: bool, staging: AlignedBuffers) -> None:
+    """Write ``obj``'s frame at the start of ``fd``."""
+    if not direct and obj.data.is_contiguous():
+        _write_all(fd, [memoryview(p).cast("B") for p in encode_parts(obj)])
         return
-    total = sum(len(p) for p in parts)
-    buffer = staging.take(total)
+    buffer = staging.take(len(header(obj)) + obj.nbytes + 8)
     try:
+        total = encode_into(obj, buffer)
         view = memoryview(buffer.numpy())
-        offset = 0
-        for part in parts:
-            n = len(part)
-            view[offset : offset + n] = memoryview(part).cast("B")
-            offset += n
-        body = total - total % ALIGN
+        body = total - total % ALIGN if direct else total
         if body:
             _write_all(fd, [view[:body]])
         if body != total:

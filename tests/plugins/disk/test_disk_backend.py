@@ -269,3 +269,16 @@ async def test_o_direct_choice(tmp_path: Path) -> None:
     off = DiskBackend(DiskBackend.Options(path=tmp_path, o_direct=False))
     await off.start()
     assert off.direct is False
+
+
+@pytest.mark.parametrize("view", ["contiguous", "chunk_of_longer_kv", "transposed", "payload"])
+def test_encode_into_writes_the_frame_byte_for_byte(view: str) -> None:
+    kv = random_kv(2, 64, 32, torch.bfloat16, seed=30)
+    key = random_key()
+    data = {"contiguous": kv, "chunk_of_longer_kv": kv[:, :, 5:17], "transposed": kv.transpose(2, 3)[:, :, :, 3:9],
+            "payload": torch.arange(1001, dtype=torch.int64).to(torch.uint8)}[view]
+    obj = MemoryObj(key, data, tuple(data.shape), torch.bfloat16, "none") if view != "payload" else \
+        MemoryObj(key, data, (2, 1, 1, 1), torch.float16, "opaque")
+    buffer = disk_module.io.AlignedBuffers(0).take(frame.frame_size(obj))
+    n = disk_module.io.encode_into(obj, buffer)
+    assert bytes(buffer[:n].numpy()) == frame.encode(obj)
