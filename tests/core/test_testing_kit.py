@@ -20,6 +20,7 @@ from kvstacks.testing import (
     BackendConformance,
     CompressorConformance,
     EvictionPolicyConformance,
+    TierConformance,
     free_port,
     random_kv,
     require,
@@ -262,6 +263,34 @@ class TestSticky(EvictionPolicyConformance):
     @pytest.fixture
     def policy(self): return Sticky()
 """,
+    "tier_backend_drops_writes": """
+import pytest
+from kvstacks import hookimpl
+from kvstacks.backend import InProcessBackend
+from kvstacks.plugins import load_plugins, pm
+from kvstacks.testing import TierConformance
+
+class Forgetful(InProcessBackend):
+    name = "kit-forgetful"
+    def put_now(self, k, obj): pass
+    def get_now(self, k): return None
+    def contains_now(self, k): return False
+    def remove_now(self, k): return False
+    def keys_now(self): return []
+
+class Plugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(Forgetful)
+
+load_plugins()
+pm.register(Plugin(), name="kit-forgetful-plugin")
+
+class TestForgetful(TierConformance):
+    @pytest.fixture
+    def tier(self):
+        return {"backend": "kit-forgetful"}
+""",
 }
 
 
@@ -281,3 +310,11 @@ class TestNothing(EvictionPolicyConformance):
     # The broken backend keeps bytes intact for compressed objects, so not every test fails:
     # the kit pinpoints what is wrong instead of failing wholesale.
     assert "passed" in out
+
+
+class TestDictTier(TierConformance):
+    """The engine-level kit over the conftest's in-memory backend."""
+
+    @pytest.fixture
+    def tier(self):
+        return {"backend": "test-dict"}

@@ -12,7 +12,8 @@ provide one fixture::
             await backend.start()
             return backend          # the kit closes it
 
-Needs pytest and pytest-asyncio (the kit's async tests are marked, so both
+``TierConformance`` runs a backend as a tier of a real engine (capacity,
+eviction, pins, restart). Needs pytest and pytest-asyncio (the kit's async tests are marked, so both
 ``asyncio_mode = "strict"`` and ``"auto"`` work). See docs/plugin-authors.md.
 """
 
@@ -21,9 +22,10 @@ from kvstacks.testing.compressors import CompressorConformance
 from kvstacks.testing.data import assert_same_obj, bits, random_key, random_kv, raw_obj
 from kvstacks.testing.environment import free_port, in_ci, require, require_executable
 from kvstacks.testing.eviction import EvictionPolicyConformance
+from kvstacks.testing.stack import TierConformance
 
 __all__ = [
     "BackendConformance", "CompressorConformance", "EvictionPolicyConformance",
     "assert_same_obj", "bits", "free_port", "in_ci", "random_key", "random_kv", "raw_obj",
-    "require", "require_executable",
+    "require", "require_executable", "TierConformance",
 ]
