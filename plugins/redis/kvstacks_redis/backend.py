@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import redis.exceptions as rexc
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-
 from kvstacks import frame
 from kvstacks.backend import Backend
 from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
 from kvstacks_redis.connect import RedisOptions, build_client, redacted

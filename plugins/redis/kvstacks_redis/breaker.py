@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kvstacks.errors import KVStacksError
 

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from kvstacks.config import Size
+from kvstacks.errors import ConfigError
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-
-from kvstacks.config import Size
-from kvstacks.errors import ConfigError
 
 SCHEMES = ("redis", "rediss", "unix")
 
@@ -77,7 +76,7 @@ def validate(o: RedisOptions) -> None:
     if o.mode == "sentinel" and parts.scheme == "unix":
         raise ConfigError("url", "in sentinel mode the url names a sentinel (redis://host:26379)")
     if parts.scheme != "unix" and not parts.hostname:
-        raise ConfigError("url", f"names no host; e.g. redis://127.0.0.1:6379/0")
+        raise ConfigError("url", "names no host; e.g. redis://127.0.0.1:6379/0")
     for name in ("tls_ca", "tls_cert", "tls_key"):
         path = getattr(o, name)
         if path is None:
@@ -171,7 +170,7 @@ def build_client(o: RedisOptions) -> Redis | RedisCluster:
         parts = urlsplit(o.url)
         addresses = [(parts.hostname, parts.port or 26379)] + [_host_port(a, "sentinels") for a in o.sentinels]
         db = int(unquote(parts.path.strip("/")) or 0) if parts.path.strip("/").isdigit() else 0
-        sentinel_kw = {k: v for k, v in kw.items() if k.startswith("socket_") or k.startswith("ssl")}
+        sentinel_kw = {k: v for k, v in kw.items() if k.startswith(("socket_", "ssl"))}
         if parts.scheme == "rediss":
             sentinel_kw["ssl"] = True
             kw["ssl"] = True

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kvstacks.testing import free_port, require_executable
 
 HINT = "apt-get install -y redis-server"
@@ -69,7 +68,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         server, _ = executables()
         self.pidfile.unlink(missing_ok=True)
         common = ["--port", str(self.port), "--bind", "127.0.0.1"]
@@ -145,7 +144,7 @@ class RedisCluster:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.nodes[0].port}"
 
-    def start(self) -> "RedisCluster":
+    def start(self) -> RedisCluster:
         _, cli = executables()
         try:
             self._start(cli)
@@ -188,7 +187,7 @@ class RedisWithSentinel:
             sentinel=True,
         )
 
-    def start(self) -> "RedisWithSentinel":
+    def start(self) -> RedisWithSentinel:
         try:
             self._start()
         except BaseException:

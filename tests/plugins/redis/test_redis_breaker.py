@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvstacks_redis.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, RedisUnavailable
 
 

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import torch
-
 from kvstacks.config import build_options, parse_stack
 from kvstacks.errors import ConfigError
 from kvstacks.testing import assert_same_obj, free_port, random_key, random_kv, raw_obj, require_executable

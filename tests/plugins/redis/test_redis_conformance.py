@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest_asyncio
-from redis.asyncio import Redis
-
 from kvstacks.testing import BackendConformance
 from kvstacks_redis import RedisBackend
 

@@ -9,7 +9,6 @@ import textwrap
 import time
 
 import torch
-
 from kvstacks import CacheEngine
 from kvstacks.testing import free_port
 

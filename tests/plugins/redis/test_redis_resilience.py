@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from kvstacks.testing import assert_same_obj, free_port, random_key, random_kv, raw_obj
 from kvstacks_redis import RedisBackend, RedisUnavailable
 
@@ -36,11 +35,11 @@ async def assert_fails_fast_while_open(b: RedisBackend, key, calls: int = 100) -
     failures = b.breaker.failures
     b.breaker.retry_at += 3600  # keep it open for the duration of this check
     try:
+        obj = raw_obj(key, random_kv(seed=0))
+        attempts = (lambda: b.get(key), lambda: b.contains(key), lambda: b.put(key, obj), lambda: b.remove(key))
         for i in range(calls):
-            calls = (lambda: b.get(key), lambda: b.contains(key),
-                     lambda: b.put(key, raw_obj(key, random_kv(seed=i))), lambda: b.remove(key))
             with pytest.raises(RedisUnavailable, match="circuit breaker open"):
-                await calls[i % 4]()
+                await attempts[i % 4]()
         with pytest.raises(RedisUnavailable, match="circuit breaker open"):
             await b.batch_contains([key] * 8)
     finally:
