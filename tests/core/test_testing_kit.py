@@ -318,3 +318,45 @@ class TestDictTier(TierConformance):
     @pytest.fixture
     def tier(self):
         return {"backend": "test-dict"}
+
+
+class ScanningLFU(EvictionPolicy):
+    """O(n) pop_victim written as a Python loop: the cost test must catch it."""
+
+    name = "kit-scanning-lfu"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.counts: dict = {}
+
+    def insert(self, key, size):
+        self.counts.setdefault(key, 0)
+
+    def access(self, key):
+        if key in self.counts:
+            self.counts[key] += 1
+
+    def remove(self, key):
+        self.counts.pop(key, None)
+
+    def pop_victim(self):
+        best = None
+        for key, count in self.counts.items():
+            if best is None or count < self.counts[best]:
+                best = key
+        if best is not None:
+            del self.counts[best]
+        return best
+
+    def __len__(self):
+        return len(self.counts)
+
+    def __contains__(self, key):
+        return key in self.counts
+
+
+def test_cost_check_catches_a_scanning_policy():
+    kit = EvictionPolicyConformance()
+    with pytest.raises(AssertionError, match="not O\\(1\\)"):
+        kit.test_cost_per_operation_does_not_grow(ScanningLFU())
+    kit.test_cost_per_operation_does_not_grow(OrderedFifo())  # and passes an O(1) one

@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Hashable
+import sys
+from typing import Any, Callable, Hashable
 
 import pytest
 
 from kvstacks.eviction import EvictionPolicy
 from kvstacks.keys import CacheKey
+
+
+def _traced_steps(policy_factory: Callable[[], EvictionPolicy], n: int, ops: int = 300) -> int:
+    """Python calls and lines executed by ``ops`` rounds of insert/access/remove/pop on a policy of ``n`` keys."""
+    policy = policy_factory()
+    rng = random.Random(n)
+    for i in range(n):
+        policy.insert(i, 1)
+        if i % 3 == 0:
+            policy.access(rng.randrange(i + 1))
+    picks = [(rng.randrange(n + j + 1), rng.randrange(n + j + 1)) for j in range(ops)]
+    steps = 0
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        for j, (hit, gone) in enumerate(picks):
+            policy.insert(n + j, 1)
+            policy.access(hit)
+            policy.remove(gone)
+            policy.pop_victim()
+    finally:
+        sys.settrace(previous)
+    return steps
 
 
 def _drain(policy: EvictionPolicy, limit: int) -> list[Hashable]:
@@ -32,6 +62,8 @@ class EvictionPolicyConformance:
     large_n: int = 100_000
     #: operations in the randomised model check
     random_ops: int = 20_000
+    #: policy sizes compared by the operation-cost test
+    cost_sizes: tuple[int, int] = (2_000, 20_000)
 
     @pytest.fixture
     def policy(self) -> EvictionPolicy:
@@ -173,3 +205,23 @@ class EvictionPolicyConformance:
         expected = n - len(range(0, n, 5))
         assert len(kit_policy) == expected
         assert len(_drain(kit_policy, expected)) == expected
+
+    def test_cost_per_operation_does_not_grow(self, kit_policy: EvictionPolicy) -> None:
+        """The same 300 rounds of operations on a 10x larger policy must not execute many more Python steps.
+
+        Deterministic (it counts traced calls and lines, never time), so it catches
+        a Python loop over the keys in any operation. It cannot see an O(n) C-level
+        call such as ``list.pop(0)``; ``test_large_run_finishes`` is the net for those.
+        """
+        cls, options = type(kit_policy), kit_policy.options
+
+        def factory() -> EvictionPolicy:  # fresh policies with the fixture's options
+            return cls(options)
+
+        small, large = self.cost_sizes
+        cost_small = _traced_steps(factory, small)
+        cost_large = _traced_steps(factory, large)
+        assert cost_large <= 2 * cost_small + 1000, (
+            f"{kit_policy.name}: 300 rounds of operations took {cost_small} Python steps with {small} keys "
+            f"but {cost_large} with {large}: some operation is not O(1)"
+        )
