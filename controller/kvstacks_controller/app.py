@@ -22,7 +22,7 @@ from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.command import CommandError, auth_for
 from kvstacks_controller.executor import WorkerCallError
 from kvstacks_controller.metrics import ControllerMetrics
-from kvstacks_controller.schema import Validator
+from kvstacks_controller.schema import Validator, parse_body
 from kvstacks_controller.settings import Settings
 
 log = logging.getLogger("kvstacks.controller")
@@ -105,7 +105,7 @@ def _endpoint(name: str, cls: type, command: Any, cluster: Cluster, metrics: Con
             raw = await _read_body(request, settings.max_body_bytes)
             if raw.strip():
                 try:
-                    body = _loads(raw)
+                    body = parse_body(raw, _loads)
                 except (ValueError, RecursionError) as exc:
                     raise CommandError(400, f"body is not valid JSON: {exc}") from None
             if not isinstance(body, dict):
