@@ -13,19 +13,35 @@ provide one fixture::
             return backend          # the kit closes it
 
 ``TierConformance`` runs a backend as a tier of a real engine (capacity,
-eviction, pins, restart). Needs pytest and pytest-asyncio (the kit's async tests are marked, so both
-``asyncio_mode = "strict"`` and ``"auto"`` work). See docs/plugin-authors.md.
+eviction, pins, restart). The kit needs pytest and pytest-asyncio (its async
+tests are marked, so both ``asyncio_mode = "strict"`` and ``"auto"`` work); the
+data helpers (``random_kv``, ``random_key``, ...) need neither, so benchmarks can
+import them. See docs/plugin-authors.md.
 """
 
-from kvstacks.testing.backends import BackendConformance
-from kvstacks.testing.compressors import CompressorConformance
 from kvstacks.testing.data import assert_same_obj, bits, random_key, random_kv, raw_obj
-from kvstacks.testing.environment import free_port, in_ci, require, require_executable
-from kvstacks.testing.eviction import EvictionPolicyConformance
-from kvstacks.testing.stack import TierConformance
 
-__all__ = [
-    "BackendConformance", "CompressorConformance", "EvictionPolicyConformance",
-    "assert_same_obj", "bits", "free_port", "in_ci", "random_key", "random_kv", "raw_obj",
-    "require", "require_executable", "TierConformance",
-]
+# The kit classes import pytest; load them on first use so the data helpers do not need it.
+_LAZY = {
+    "BackendConformance": "kvstacks.testing.backends",
+    "CompressorConformance": "kvstacks.testing.compressors",
+    "EvictionPolicyConformance": "kvstacks.testing.eviction",
+    "TierConformance": "kvstacks.testing.stack",
+    "free_port": "kvstacks.testing.environment",
+    "in_ci": "kvstacks.testing.environment",
+    "require": "kvstacks.testing.environment",
+    "require_executable": "kvstacks.testing.environment",
+}
+
+__all__ = ["assert_same_obj", "bits", "random_key", "random_kv", "raw_obj", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstacks.testing' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -8,8 +8,12 @@ import threading
 from typing import Any, AsyncIterator
 
 import pytest
-import pytest_asyncio
 import torch
+
+try:
+    import pytest_asyncio
+except ImportError as exc:  # the backend kit's tests are coroutines
+    raise ImportError("kvstacks.testing.BackendConformance needs pytest-asyncio: pip install pytest-asyncio") from exc
 
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.frame import frame_size
