@@ -76,7 +76,7 @@ class DiskBackend(Backend):
         #: bypass the page cache (O_DIRECT); null: whenever the filesystem supports it
         o_direct: bool | None = None
         #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes
-        buffer_pool: Size = Size(256 << 20)
+        buffer_pool: Size = Size(512 << 20)
 
     def __init__(self, options: "DiskBackend.Options") -> None:
         super().__init__(options)
