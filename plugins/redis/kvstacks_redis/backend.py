@@ -103,20 +103,28 @@ class RedisBackend(Backend):
     # -- the guard every call goes through ----------------------------------------------------
 
     async def _guarded(self, what: str, call: Callable[[Redis | RedisCluster], Awaitable[T]]) -> T:
-        if self.client is None:
-            raise RedisUnavailable(f"redis tier {self._where()} is {'closed' if self._closed else 'not started'}")
+        self._check_open()
         self.breaker.check()
         recovering = self.breaker.state != CLOSED
         assert self._slots is not None
         settled = False
         try:
             async with self._slots:
+                # things may have changed while this call waited for a connection
+                self._check_open()
+                if not recovering and self.breaker.state != CLOSED:
+                    self.breaker.check()  # raises unless this call may be the probe
+                    recovering = True
+                assert self.client is not None
                 result = await call(self.client)
             settled = True
             self.breaker.success()
             if recovering:
                 await self._drop_stale_connections()
             return result
+        except RedisUnavailable:
+            settled = True  # refused before reaching the server: nothing learnt
+            raise
         except UNREACHABLE as exc:
             settled = True
             self.breaker.failure(_describe(exc))
@@ -133,6 +141,10 @@ class RedisBackend(Backend):
         finally:
             if not settled:
                 self.breaker.abandon()
+
+    def _check_open(self) -> None:
+        if self.client is None:
+            raise RedisUnavailable(f"redis tier {self._where()} is {'closed' if self._closed else 'not started'}")
 
     async def _drop_stale_connections(self) -> None:
         """After an outage every idle pooled socket is suspect: reconnect instead of failing once more."""

@@ -161,3 +161,19 @@ async def test_cluster_node_killed_then_back(own_cluster):
     await b.put(keys[0], objs[0])
     assert_same_obj(await b.get(keys[0]), objs[0], "after the node came back")
     await asyncio.wait_for(b.close(), 10)
+
+
+async def test_calls_queued_for_a_connection_fail_fast_once_the_breaker_opens(own_redis):
+    server = own_redis()
+    b = backend(server.url, pool_size=1, breaker_failures=1, timeout=0.5, breaker_backoff=60)
+    await b.start()
+    server.pause()
+    try:
+        keys = [random_key() for _ in range(10)]
+        results = await asyncio.wait_for(asyncio.gather(*(b.get(k) for k in keys), return_exceptions=True), 30)
+        assert all(isinstance(r, RedisUnavailable) for r in results), results
+        assert b.breaker.failures == 1, "calls queued behind the hung one went to the server after the breaker opened"
+        assert sum("circuit breaker open" in str(r) for r in results) == 9
+    finally:
+        server.resume()
+    await b.close()
