@@ -33,13 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from kvstacks import CacheEngine
 from kvstacks.testing import free_port
-
 from kvstacks_transformers import PrefixCachedLM
 from kvstacks_transformers.demo import default_stack, drop_page_cache, wait_for_offloads, warm_up
 from kvstacks_transformers.long_text import document_ids, prompt_ids

@@ -12,8 +12,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -170,8 +171,8 @@ def render(result: dict[str, Any]) -> str:
     n = result["prompt_tokens"]
     lines = [
         "",
-        f"time to first token, {result['model']}, prompt of {n} tokens "
-        f"(median of {result['repeats']['cold']} cold, {result['repeats']['warm']} warm runs)",
+        (f"time to first token, {result['model']}, prompt of {n} tokens "
+         f"(median of {result['repeats']['cold']} cold, {result['repeats']['warm']} warm runs)"),
         "",
         f"{'':42}{'TTFT':>10}{'speedup':>10}{'from cache':>12}{'computed':>10}",
     ]

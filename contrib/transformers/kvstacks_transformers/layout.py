@@ -38,7 +38,7 @@ class KVLayout:
         return 2 * self.num_layers * self.hidden * element
 
     @classmethod
-    def from_model(cls, model: Any) -> "KVLayout":
+    def from_model(cls, model: Any) -> KVLayout:
         """Read the layout from ``model.config`` (and the dtype from its weights).
 
         Refuses models whose cache is not a full K/V per layer for every token (sliding

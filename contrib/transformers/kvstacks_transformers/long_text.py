@@ -8,7 +8,8 @@ text reads as a document rather than one sentence repeated.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 SUBSYSTEMS = (
     "compressor bank", "evaporator loop", "door interlock", "defrost heater", "humidity trap",

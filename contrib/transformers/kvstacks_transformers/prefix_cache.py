@@ -11,8 +11,9 @@ then needs a one-token prefill.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from kvstacks.errors import InvalidInput

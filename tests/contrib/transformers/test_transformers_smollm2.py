@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from kvstacks_transformers import PrefixCachedLM
 from kvstacks_transformers.long_text import prompt_ids
 
@@ -64,7 +63,7 @@ def test_greedy_generation_is_identical_with_and_without_the_cache(smollm2, make
     model, tokenizer = smollm2
     lm = PrefixCachedLM(model, make_engine(model="smollm2-gen", chunk_size=64))
     ids = torch.tensor(prompt_ids(tokenizer, 160))
-    settings = dict(max_new_tokens=10, do_sample=False)
+    settings = {"max_new_tokens": 10, "do_sample": False}
     with torch.inference_mode():
         plain = model.generate(ids.unsqueeze(0), attention_mask=torch.ones(1, 160, dtype=torch.long), **settings)
     cold = lm.generate(ids, **settings)
@@ -75,9 +74,8 @@ def test_greedy_generation_is_identical_with_and_without_the_cache(smollm2, make
 
 
 def test_demo_json_is_the_last_line_and_every_run_agrees(smollm2, monkeypatch, tmp_path):
-    from click.testing import CliRunner
-
     import kvstacks_transformers.smollm2
+    from click.testing import CliRunner
     from kvstacks_transformers.demo import render
     from kvstacks_transformers.plugin import demo
 
@@ -99,9 +97,8 @@ def test_demo_json_is_the_last_line_and_every_run_agrees(smollm2, monkeypatch, t
 
 
 def test_demo_refuses_a_prompt_longer_than_the_context(smollm2, monkeypatch):
-    from click.testing import CliRunner
-
     import kvstacks_transformers.smollm2
+    from click.testing import CliRunner
     from kvstacks_transformers.plugin import demo
 
     monkeypatch.setattr(kvstacks_transformers.smollm2, "load_smollm2", lambda progress=True: smollm2)
