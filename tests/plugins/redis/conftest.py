@@ -174,15 +174,19 @@ class RedisCluster:
 
 
 class RedisWithSentinel:
-    """A master and one sentinel watching it under the name ``mymaster``."""
+    """A master (and optionally a replica) and one sentinel watching it under the name ``mymaster``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replica: bool = False, down_after_ms: int = 5000) -> None:
         self.master = RedisServer(workdir / "master")
+        self.replica = (
+            RedisServer(workdir / "replica", "--replicaof", "127.0.0.1", str(self.master.port)) if replica else None
+        )
         port = free_port()
         self.sentinel = RedisServer(
             workdir / "sentinel",
             f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1",
-            "sentinel down-after-milliseconds mymaster 5000",
+            f"sentinel down-after-milliseconds mymaster {down_after_ms}",
+            "sentinel failover-timeout mymaster 5000",
             port=port,
             sentinel=True,
         )
@@ -197,11 +201,20 @@ class RedisWithSentinel:
 
     def _start(self) -> None:
         self.master.start()
+        if self.replica is not None:
+            self.replica.start()
+            deadline = time.monotonic() + 20
+            while "master_link_status:up" not in self.replica.cli("INFO", "replication"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the replica did not sync with the master")
+                time.sleep(0.05)
         self.sentinel.start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             out = self.sentinel.cli("sentinel", "get-master-addr-by-name", "mymaster")
-            if str(self.master.port) in out:
+            if str(self.master.port) in out and (
+                self.replica is None or "num-slaves\n1" in self.sentinel.cli("SENTINEL", "MASTER", "mymaster")
+            ):
                 return
             time.sleep(0.1)
         raise RuntimeError("the sentinel does not know the master")
@@ -209,6 +222,8 @@ class RedisWithSentinel:
     def stop(self) -> None:
         self.sentinel.stop()
         self.master.stop()
+        if self.replica is not None:
+            self.replica.stop()
 
 
 @pytest.fixture(scope="session")
@@ -256,3 +271,11 @@ def own_cluster(tmp_path):
     cluster = RedisCluster(tmp_path / "cluster").start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def sentinel_with_replica(tmp_path):
+    """Master, replica and a sentinel that fails over one second after the master stops answering."""
+    setup = RedisWithSentinel(tmp_path / "sentinel", replica=True, down_after_ms=1000).start()
+    yield setup
+    setup.stop()

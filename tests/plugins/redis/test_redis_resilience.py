@@ -177,3 +177,30 @@ async def test_calls_queued_for_a_connection_fail_fast_once_the_breaker_opens(ow
     finally:
         server.resume()
     await b.close()
+
+
+
+async def test_sentinel_failover_moves_the_tier_to_the_new_master(sentinel_with_replica):
+    setup = sentinel_with_replica
+    b = backend(f"redis://127.0.0.1:{setup.sentinel.port}/0", mode="sentinel", service="mymaster",
+                breaker_backoff=0.2, breaker_backoff_max=0.5)
+    await b.start()
+    key = random_key()
+    obj = raw_obj(key, random_kv(seed=11))
+    await b.put(key, obj)
+    setup.master.cli("WAIT", "1", "5000")  # the replica has it before the master dies
+    setup.master.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:  # fails (fast, once the breaker opens) until the sentinel promotes the replica
+        try:
+            got = await b.get(key)
+            break
+        except RedisUnavailable:
+            assert loop.time() < deadline, "the tier never reached the promoted replica"
+            await asyncio.sleep(0.1)
+    assert_same_obj(got, obj, "read from the promoted replica")
+    other = random_key()
+    await b.put(other, obj_other := raw_obj(other, random_kv(seed=12)))
+    assert_same_obj(await b.get(other), obj_other, "written to the new master")
+    await asyncio.wait_for(b.close(), 10)
