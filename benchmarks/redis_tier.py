@@ -81,7 +81,7 @@ def redis_benchmark(host: str, port: int, size: int, n: int, clients: int) -> di
 async def raw_redis_py(url: str, size: int, n: int, batch: int) -> dict[str, float]:
     from redis.asyncio import Redis
 
-    client = Redis.from_url(url, socket_read_size=1 << 20)
+    client = Redis.from_url(url, socket_read_size=1 << 20, socket_timeout=None)
     value = os.urandom(size)
     names = [b"rawbench:%d" % i for i in range(n)]
     rates = {}
