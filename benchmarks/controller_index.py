@@ -20,7 +20,6 @@ import time
 import tracemalloc
 
 import numpy as np
-
 from kvstacks.keys import chunk_hashes
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.index import ChunkIndex
@@ -37,6 +36,7 @@ def percentile(values: list[float], q: float) -> float:
 
 # ----------------------------------------------------------------------------- baseline
 
+
 class DictOfLists:
     """LMCache's KV controller layout: chunk hash -> [(instance, worker, location), ...]."""
 
@@ -47,7 +47,7 @@ class DictOfLists:
         # The hashes arrive as one blob per report, as the agent sends them.
         index = self.index
         for i in range(0, len(blob), 16):
-            h = blob[i:i + 16]
+            h = blob[i : i + 16]
             locations = index.get(h)
             if locations is None:
                 index[h] = [holder]
@@ -76,15 +76,18 @@ class DictOfLists:
 
 # ----------------------------------------------------------------------------- workload
 
+
 def make_workload(n_chunks: int, n_workers: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, 128_000, PROMPT_TOKENS).tolist()
     chain = chunk_hashes(prompt, CHUNK)  # 128 chunks
     filler = rng.bytes(16 * n_chunks)
-    per_worker = [[filler[i * 16:(i + 1) * 16] for i in range(w, n_chunks, n_workers)] for w in range(n_workers)]
+    per_worker = [
+        [filler[i * 16 : (i + 1) * 16] for i in range(w, n_chunks, n_workers)] for w in range(n_workers)
+    ]
     # Worker 0 holds the whole probe prompt, the others a prefix of it of varying length.
     for w in range(n_workers):
-        per_worker[w][: 0] = chain[: len(chain) * (n_workers - w) // n_workers]
+        per_worker[w][:0] = chain[: len(chain) * (n_workers - w) // n_workers]
     return prompt, per_worker
 
 
@@ -95,7 +98,7 @@ def build_ours(per_worker: list[list[bytes]], batch: int) -> Cluster:
         cluster.add_worker(worker)
         hid = worker.holders["cpu"]
         for start in range(0, len(hashes), batch):
-            cluster.index.admit(hid, b"".join(hashes[start:start + batch]))
+            cluster.index.admit(hid, b"".join(hashes[start : start + batch]))
     return cluster
 
 
@@ -103,7 +106,7 @@ def build_baseline(per_worker: list[list[bytes]], batch: int) -> DictOfLists:
     base = DictOfLists()
     for w, hashes in enumerate(per_worker):
         for start in range(0, len(hashes), batch):
-            base.admit((f"instance-{w}", 0, "cpu"), b"".join(hashes[start:start + batch]))
+            base.admit((f"instance-{w}", 0, "cpu"), b"".join(hashes[start : start + batch]))
     return base
 
 
@@ -118,10 +121,12 @@ def measure_memory(build, *args) -> tuple[object, int]:
     return obj, used
 
 
-def ingestion_rate(per_worker: list[list[bytes]], batch: int, events: int, repeats: int) -> tuple[float, float]:
+def ingestion_rate(
+    per_worker: list[list[bytes]], batch: int, events: int, repeats: int
+) -> tuple[float, float]:
     """Median admit events/s of ours (batches of hashes as the agent sends) and of the baseline."""
     sample = [h for hashes in per_worker for h in hashes][:events]
-    blobs = [b"".join(sample[i:i + batch]) for i in range(0, len(sample), batch)]
+    blobs = [b"".join(sample[i : i + batch]) for i in range(0, len(sample), batch)]
     ours, theirs = [], []
     for _ in range(repeats):
         idx = ChunkIndex()
@@ -141,7 +146,6 @@ def ingestion_rate(per_worker: list[list[bytes]], batch: int, events: int, repea
 def http_ingestion_rate(batch: int, events: int) -> float:
     """Admit events/s through the real /worker/admit handler (JSON + hex decode + index), in process."""
     import httpx
-
     from kvstacks_controller.app import create_app
 
     app = create_app(Settings())
@@ -149,11 +153,27 @@ def http_ingestion_rate(batch: int, events: int) -> float:
 
     async def run() -> float:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c") as client:
-            await client.post("/worker/register", json={"instance_id": "i", "worker_id": 0, "session": "s",
-                                                        "address": "127.0.0.1:1", "chunk_size": CHUNK,
-                                                        "tiers": ["cpu"]})
-            bodies = [{"instance_id": "i", "worker_id": 0, "session": "s", "tier": "cpu",
-                       "hashes": hashes[i * 16:(i + batch) * 16].hex()} for i in range(0, events, batch)]
+            await client.post(
+                "/worker/register",
+                json={
+                    "instance_id": "i",
+                    "worker_id": 0,
+                    "session": "s",
+                    "address": "127.0.0.1:1",
+                    "chunk_size": CHUNK,
+                    "tiers": ["cpu"],
+                },
+            )
+            bodies = [
+                {
+                    "instance_id": "i",
+                    "worker_id": 0,
+                    "session": "s",
+                    "tier": "cpu",
+                    "hashes": hashes[i * 16 : (i + batch) * 16].hex(),
+                }
+                for i in range(0, events, batch)
+            ]
             t = time.perf_counter()
             for body in bodies:
                 r = await client.post("/worker/admit", json=body)
@@ -175,7 +195,6 @@ def lookup_latencies(fn, prompt: list[int], n: int) -> list[float]:
 
 def _serve(cluster: Cluster, port: int) -> None:
     import uvicorn
-
     from kvstacks_controller.app import create_app
 
     uvicorn.run(create_app(cluster=cluster), host="127.0.0.1", port=port, log_level="error", access_log=False)
@@ -191,7 +210,6 @@ def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[f
     import multiprocessing
 
     import httpx
-
     from kvstacks.testing import free_port
 
     port = free_port()
@@ -218,8 +236,16 @@ def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[f
                 if i >= 5:
                     out.append(elapsed)
             text = client.get("/metrics").text
-            total = float(text.split('kvstacks_controller_request_duration_seconds_sum{endpoint="lookup"} ')[1].split()[0])
-            count = float(text.split('kvstacks_controller_request_duration_seconds_count{endpoint="lookup"} ')[1].split()[0])
+            total = float(
+                text.split('kvstacks_controller_request_duration_seconds_sum{endpoint="lookup"} ')[1].split()[
+                    0
+                ]
+            )
+            count = float(
+                text.split('kvstacks_controller_request_duration_seconds_count{endpoint="lookup"} ')[
+                    1
+                ].split()[0]
+            )
             http_lookup_latencies.handler_mean = total / count
     finally:
         proc.terminate()
@@ -228,16 +254,22 @@ def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--chunks", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4096, help="hashes per admit report (the agent's batch_size)")
+    parser.add_argument(
+        "--batch", type=int, default=4096, help="hashes per admit report (the agent's batch_size)"
+    )
     parser.add_argument("--lookups", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    print(f"workload: {args.chunks:,} chunks from {args.workers} workers, chunk {CHUNK} tokens, "
-          f"probe prompt {PROMPT_TOKENS:,} tokens; python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    print(
+        f"workload: {args.chunks:,} chunks from {args.workers} workers, chunk {CHUNK} tokens, "
+        f"probe prompt {PROMPT_TOKENS:,} tokens; python {sys.version.split()[0]}, {os.cpu_count()} cpus"
+    )
     prompt, per_worker = make_workload(args.chunks, args.workers)
     total = sum(len(h) for h in per_worker)
 
@@ -247,20 +279,35 @@ def main() -> None:
     assert ours.lookup(prompt) == {k: v for k, v in theirs.lookup(prompt).items()}, "answers differ"
 
     rows = []
-    rows.append(("memory per indexed chunk (bytes)", ours_bytes / len(ours.index), theirs_bytes / len(theirs.index),
-                 "lower is better"))
+    rows.append(
+        (
+            "memory per indexed chunk (bytes)",
+            ours_bytes / len(ours.index),
+            theirs_bytes / len(theirs.index),
+            "lower is better",
+        )
+    )
     for batch in (128, args.batch):
         rate, base_rate = ingestion_rate(per_worker, batch, min(total, 400_000), args.repeats)
         rows.append((f"admit events/s, batches of {batch}", rate, base_rate, "goal >= 100,000"))
-    rows.append((f"admit events/s over HTTP (/worker/admit, {args.batch}/batch)",
-                 http_ingestion_rate(args.batch, 200_000), float("nan"), "in-process ASGI"))
+    rows.append(
+        (
+            f"admit events/s over HTTP (/worker/admit, {args.batch}/batch)",
+            http_ingestion_rate(args.batch, 200_000),
+            float("nan"),
+            "in-process ASGI",
+        )
+    )
 
     ms = 1e3
     hashes = chunk_hashes(prompt, CHUNK)
     groups = [list(w.holders.values()) for w in ours.registry.workers.values()]
-    walks = {"ours": lambda _: ours.index.prefix_lengths(hashes, groups),
-             "base": lambda _: theirs.walk(hashes, len(prompt)),
-             "ours_full": ours.lookup, "base_full": theirs.lookup}
+    walks = {
+        "ours": lambda _: ours.index.prefix_lengths(hashes, groups),
+        "base": lambda _: theirs.walk(hashes, len(prompt)),
+        "ours_full": ours.lookup,
+        "base_full": theirs.lookup,
+    }
     stats: dict[str, list[tuple[float, float]]] = {k: [] for k in walks}
     for _ in range(args.repeats):  # interleaved, so both see the same machine
         for name, fn in walks.items():
@@ -270,36 +317,79 @@ def main() -> None:
     def med(name: str, q: int) -> float:
         return statistics.median(s[q] for s in stats[name]) * ms
 
-    rows.append(("index walk of the 128-chunk chain (hashes given), p50 (ms)", med("ours", 0), med("base", 0),
-                 "the index structure alone"))
-    rows.append(("index walk of the 128-chunk chain (hashes given), p99 (ms)", med("ours", 1), med("base", 1), ""))
-    rows.append(("lookup 32K tokens in process (list -> hashes -> index), p50 (ms)", med("ours_full", 0),
-                 med("base_full", 0), "mostly list -> int32 conversion"))
+    rows.append(
+        (
+            "index walk of the 128-chunk chain (hashes given), p50 (ms)",
+            med("ours", 0),
+            med("base", 0),
+            "the index structure alone",
+        )
+    )
+    rows.append(
+        ("index walk of the 128-chunk chain (hashes given), p99 (ms)", med("ours", 1), med("base", 1), "")
+    )
+    rows.append(
+        (
+            "lookup 32K tokens in process (list -> hashes -> index), p50 (ms)",
+            med("ours_full", 0),
+            med("base_full", 0),
+            "mostly list -> int32 conversion",
+        )
+    )
     rows.append(("lookup 32K tokens in process, p99 (ms)", med("ours_full", 1), med("base_full", 1), ""))
     import json
 
     body = json.dumps({"tokens": prompt}).encode()
     parse = lookup_latencies(lambda _: json.loads(body), prompt, args.lookups)
-    rows.append(("json.loads of the same 32K-token body (reference), p50 (ms)", percentile(parse, 50) * ms,
-                 float("nan"), "machine-speed yardstick"))
+    rows.append(
+        (
+            "json.loads of the same 32K-token body (reference), p50 (ms)",
+            percentile(parse, 50) * ms,
+            float("nan"),
+            "machine-speed yardstick",
+        )
+    )
     http = http_lookup_latencies(ours, prompt, args.lookups)
-    rows.append(("  of which in the handler (read, parse, validate, lookup), mean (ms)",
-                 http_lookup_latencies.handler_mean * ms, float("nan"), "the controller's own histogram"))
-    rows.append(("POST /lookup 32K tokens over loopback, p50 (ms)", percentile(http, 50) * ms, float("nan"),
-                 "JSON + HTTP + lookup"))
-    rows.append(("POST /lookup 32K tokens over loopback, p99 (ms)", percentile(http, 99) * ms, float("nan"),
-                 "goal <= 10 ms"))
+    rows.append(
+        (
+            "  of which in the handler (read, parse, validate, lookup), mean (ms)",
+            http_lookup_latencies.handler_mean * ms,
+            float("nan"),
+            "the controller's own histogram",
+        )
+    )
+    rows.append(
+        (
+            "POST /lookup 32K tokens over loopback, p50 (ms)",
+            percentile(http, 50) * ms,
+            float("nan"),
+            "JSON + HTTP + lookup",
+        )
+    )
+    rows.append(
+        (
+            "POST /lookup 32K tokens over loopback, p99 (ms)",
+            percentile(http, 99) * ms,
+            float("nan"),
+            "goal <= 10 ms",
+        )
+    )
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{width}}  {'kvstacks':>12}  {'dict-of-lists':>14}  {'ratio':>7}  note")
     for name, value, base, note in rows:
-        ratio = "" if base != base else (f"{base / value:6.1f}x" if "memory" in name or "ms" in name
-                                         else f"{value / base:6.1f}x")
+        ratio = (
+            ""
+            if base != base
+            else (f"{base / value:6.1f}x" if "memory" in name or "ms" in name else f"{value / base:6.1f}x")
+        )
         base_text = "" if base != base else f"{base:14,.2f}"
         print(f"{name:<{width}}  {value:12,.2f}  {base_text:>14}  {ratio:>7}  {note}")
-    print(f"\nindex arrays: {ours.index.nbytes / 2**20:.1f} MiB for {len(ours.index):,} chunks "
-          f"(tracemalloc: ours {ours_bytes / 2**20:.1f} MiB, dict-of-lists {theirs_bytes / 2**20:.1f} MiB); "
-          "ratio = how many times better kvstacks is")
+    print(
+        f"\nindex arrays: {ours.index.nbytes / 2**20:.1f} MiB for {len(ours.index):,} chunks "
+        f"(tracemalloc: ours {ours_bytes / 2**20:.1f} MiB, dict-of-lists {theirs_bytes / 2**20:.1f} MiB); "
+        "ratio = how many times better kvstacks is"
+    )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import logging
 import time
 from typing import Any
 
+from kvstacks.errors import KVStacksError
+from kvstacks.plugins import registry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvstacks.errors import KVStacksError
-from kvstacks.plugins import registry
 from kvstacks_controller import openapi
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.command import CommandError, auth_for
@@ -68,8 +68,9 @@ def _token_ok(request: Request, expected: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
-def _endpoint(name: str, cls: type, command: Any, cluster: Cluster, metrics: ControllerMetrics,
-              validator: Validator):
+def _endpoint(
+    name: str, cls: type, command: Any, cluster: Cluster, metrics: ControllerMetrics, validator: Validator
+):
     settings = cluster.settings
 
     async def handle(request: Request) -> Response:
@@ -81,15 +82,20 @@ def _endpoint(name: str, cls: type, command: Any, cluster: Cluster, metrics: Con
         except WorkerCallError as exc:
             response = JSONResponse({"error": str(exc)}, status_code=exc.status)
         except _TooLarge:
-            response = JSONResponse({"error": f"body larger than the limit of {settings.max_body_bytes} bytes; "
-                                              "split the request (see /batch_lookup for many prompts)"},
-                                    status_code=413)
+            response = JSONResponse(
+                {
+                    "error": f"body larger than the limit of {settings.max_body_bytes} bytes; "
+                    "split the request (see /batch_lookup for many prompts)"
+                },
+                status_code=413,
+            )
         except KVStacksError as exc:
             response = JSONResponse({"error": str(exc)}, status_code=400)
         except Exception:
             log.exception("command %s failed", name)
-            response = JSONResponse({"error": f"internal error in command {name!r}; see the controller log"},
-                                    status_code=500)
+            response = JSONResponse(
+                {"error": f"internal error in command {name!r}; see the controller log"}, status_code=500
+            )
         metrics.observe(name, response.status_code, time.perf_counter() - started)
         return response
 
@@ -98,8 +104,11 @@ def _endpoint(name: str, cls: type, command: Any, cluster: Cluster, metrics: Con
         expected = {"admin": settings.admin_token, "worker": settings.worker_token}.get(level)
         if expected and not _token_ok(request, expected):
             env = "KVSTACKS_ADMIN_TOKEN" if level == "admin" else "KVSTACKS_WORKER_TOKEN"
-            return JSONResponse({"error": f"missing or wrong bearer token: send 'Authorization: Bearer <{env}>'"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return JSONResponse(
+                {"error": f"missing or wrong bearer token: send 'Authorization: Bearer <{env}>'"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         body: Any = {}
         if request.method == "POST":
             raw = await _read_body(request, settings.max_body_bytes)
@@ -136,8 +145,13 @@ def create_app(settings: Settings | None = None, cluster: Cluster | None = None)
     for name, cls in sorted(commands.items()):
         for method in getattr(cls, "methods", ("POST",)):
             auth_for(cls, method)  # a bad auth declaration fails at start, not per request
-        routes.append(Route(f"/{name}", _endpoint(name, cls, cls(), cluster, metrics, validator),
-                            methods=list(getattr(cls, "methods", ("POST",)))))
+        routes.append(
+            Route(
+                f"/{name}",
+                _endpoint(name, cls, cls(), cluster, metrics, validator),
+                methods=list(getattr(cls, "methods", ("POST",))),
+            )
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

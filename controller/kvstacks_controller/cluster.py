@@ -6,8 +6,8 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-
 from kvstacks.keys import as_token_array, chunk_bounds, chunk_hashes
+
 from kvstacks_controller.command import CommandError
 from kvstacks_controller.executor import Executor
 from kvstacks_controller.index import ChunkIndex
@@ -22,7 +22,9 @@ class Cluster:
         self.settings = settings or Settings()
         self.index = ChunkIndex()
         self.registry = registry or WorkerRegistry(self.settings.heartbeat_timeout)
-        self.executor = Executor(self.settings.worker_timeout, self.settings.max_events, self.settings.worker_token)
+        self.executor = Executor(
+            self.settings.worker_timeout, self.settings.max_events, self.settings.worker_token
+        )
         self.chunk_events = {"admit": 0, "evict": 0}
         self.commands: dict[str, type] = {}
         self.openapi: dict[str, Any] = {}
@@ -35,7 +37,9 @@ class Cluster:
             # A new session starts from nothing: the agent re-reports what it holds.
             for hid in previous.holders.values():
                 self.index.release_holder(hid)
-        worker.holders = {tier: self.index.holder(worker.instance_id, worker.worker_id, tier) for tier in worker.tiers}
+        worker.holders = {
+            tier: self.index.holder(worker.instance_id, worker.worker_id, tier) for tier in worker.tiers
+        }
 
     def remove_worker(self, worker: Worker) -> None:
         self.registry.remove(worker.instance_id, worker.worker_id)
@@ -51,12 +55,18 @@ class Cluster:
         if healthy_only:
             healthy = [w for w in workers if self.registry.healthy(w)]
             if not healthy:
-                raise CommandError(409, f"instance {instance_id!r} has no healthy worker (no heartbeat for "
-                                        f"{self.registry.heartbeat_timeout:g}s); check GET /health")
+                raise CommandError(
+                    409,
+                    f"instance {instance_id!r} has no healthy worker (no heartbeat for "
+                    f"{self.registry.heartbeat_timeout:g}s); check GET /health",
+                )
             if len(healthy) < len(workers):
                 down = ", ".join(str(w.worker_id) for w in workers if w not in healthy)
-                raise CommandError(409, f"instance {instance_id!r}: workers {down} are unhealthy; "
-                                        "a command must reach every rank")
+                raise CommandError(
+                    409,
+                    f"instance {instance_id!r}: workers {down} are unhealthy; "
+                    "a command must reach every rank",
+                )
             return healthy
         return workers
 
@@ -67,8 +77,11 @@ class Cluster:
         tier = workers[0].resolve_tier(location)
         if tier is None:
             aliases = ", ".join(f"{k} (= {v})" for k, v in LOCATION_ALIASES.items())
-            raise CommandError(404, f"instance {workers[0].instance_id!r} has no location {location!r}; its "
-                                    f"locations: {', '.join(workers[0].tiers)} (aliases: {aliases})")
+            raise CommandError(
+                404,
+                f"instance {workers[0].instance_id!r} has no location {location!r}; its "
+                f"locations: {', '.join(workers[0].tiers)} (aliases: {aliases})",
+            )
         return tier
 
     # ---------------------------------------------------------------- lookup
@@ -98,14 +111,15 @@ class Cluster:
                 groups.append(list(worker.holders.values()))
                 groups.extend([hid] for hid in worker.holders.values())
             counts = self.index.prefix_lengths(hashes, groups).tolist()
+            tokens_at = [0, *ends]  # chunks matched -> tokens matched
             at = 0
             for worker in group:
                 total = counts[at]
                 per_tier = {tier: counts[at + 1 + i] for i, tier in enumerate(worker.holders)}
                 at += 1 + len(worker.holders)
-                to_tokens = lambda c: ends[c - 1] if c else 0  # noqa: E731
                 per_instance.setdefault(worker.instance_id, []).append(
-                    (to_tokens(total), {t: to_tokens(c) for t, c in per_tier.items()}))
+                    (tokens_at[total], {t: tokens_at[c] for t, c in per_tier.items()})
+                )
         layout: dict[str, list[Any]] = {}
         rank_counts = Counter(w.instance_id for w in self.registry.workers.values())
         for instance_id, ranks in per_instance.items():

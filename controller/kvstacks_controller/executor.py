@@ -54,7 +54,9 @@ class WorkerCallError(Exception):
 
 
 class Executor:
-    def __init__(self, timeout: float = 10.0, max_events: int = 10_000, worker_token: str | None = None) -> None:
+    def __init__(
+        self, timeout: float = 10.0, max_events: int = 10_000, worker_token: str | None = None
+    ) -> None:
         self.timeout = timeout
         self.max_events = max_events
         self.worker_token = worker_token
@@ -105,7 +107,9 @@ class Executor:
             elif t.exception() is not None:
                 exc = t.exception()
                 event.status = "failed"
-                event.reason = exc.message if isinstance(exc, CommandError) else str(exc) or type(exc).__name__
+                event.reason = (
+                    exc.message if isinstance(exc, CommandError) else str(exc) or type(exc).__name__
+                )
                 event.code = getattr(exc, "status", 500)
                 if not isinstance(exc, (CommandError, WorkerCallError)):
                     log.error("event %s (%s) failed", event.event_id, command, exc_info=exc)
@@ -126,17 +130,23 @@ class Executor:
             self._client = httpx.AsyncClient(trust_env=False)
         return self._client
 
-    async def call(self, worker: Worker, op: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    async def call(
+        self, worker: Worker, op: str, args: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
         """POST one command to a worker agent; raise WorkerCallError with a reason on failure."""
         timeout = self.timeout if timeout is None else timeout
         headers = {"Authorization": f"Bearer {self.worker_token}"} if self.worker_token else {}
         url = f"http://{worker.address}/command"
         try:
-            response = await self.client().post(url, json={"op": op, "args": args}, headers=headers, timeout=timeout)
+            response = await self.client().post(
+                url, json={"op": op, "args": args}, headers=headers, timeout=timeout
+            )
         except httpx.TimeoutException:
             raise WorkerCallError(worker, 504, f"did not answer {op!r} within {timeout:g}s") from None
         except httpx.HTTPError as exc:
-            raise WorkerCallError(worker, 502, f"unreachable at {worker.address} ({type(exc).__name__}: {exc})") from None
+            raise WorkerCallError(
+                worker, 502, f"unreachable at {worker.address} ({type(exc).__name__}: {exc})"
+            ) from None
         try:
             data = response.json()
         except ValueError:
@@ -149,10 +159,13 @@ class Executor:
             raise WorkerCallError(worker, status, str(reason))
         return data
 
-    async def fan_out(self, workers: list[Worker], op: str, args: dict[str, Any],
-                      timeout: float | None = None) -> list[dict[str, Any]]:
+    async def fan_out(
+        self, workers: list[Worker], op: str, args: dict[str, Any], timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         """Send one command to several workers at once; the first failure (by worker id) is raised."""
-        results = await asyncio.gather(*(self.call(w, op, args, timeout) for w in workers), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.call(w, op, args, timeout) for w in workers), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result

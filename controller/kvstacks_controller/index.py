@@ -134,8 +134,11 @@ class ChunkIndex:
         return self._holders[hid] if 0 <= hid < len(self._holders) else None
 
     def holder_ids(self, instance_id: str, worker_id: int | None = None) -> list[int]:
-        return [hid for key, hid in self._holder_ids.items()
-                if key.instance_id == instance_id and (worker_id is None or key.worker_id == worker_id)]
+        return [
+            hid
+            for key, hid in self._holder_ids.items()
+            if key.instance_id == instance_id and (worker_id is None or key.worker_id == worker_id)
+        ]
 
     def count(self, hid: int) -> int:
         """Chunks holder ``hid`` has."""
@@ -179,16 +182,16 @@ class ChunkIndex:
             result[i] = self._probe_one(int(hi[i]), int(lo[i]), int(pos[i]), insert=False)
         return result
 
-    def _probe_one(self, h: int, l: int, p: int, insert: bool) -> int:
+    def _probe_one(self, key_hi: int, key_lo: int, p: int, insert: bool) -> int:
         table_hi, table_lo, cmask = self._hi, self._lo, self._cap - 1
         while True:
             kh, kl = table_hi.item(p), table_lo.item(p)
-            if kh == h and kl == l:
+            if kh == key_hi and kl == key_lo:
                 return p
             if kh == 0 and kl == 0:
                 if not insert:
                     return -1
-                table_hi[p], table_lo[p] = h, l
+                table_hi[p], table_lo[p] = key_hi, key_lo
                 self._used += 1
                 return p
             p = (p + 1) & cmask
@@ -288,6 +291,9 @@ class ChunkIndex:
             for hid in hids:
                 if 0 <= hid < present.shape[1]:
                     member[hid, g] = 1
-        covered = (present.astype(np.int32) @ member) > 0 if present.shape[1] else np.zeros(
-            (present.shape[0], len(groups)), dtype=bool)
+        covered = (
+            (present.astype(np.int32) @ member) > 0
+            if present.shape[1]
+            else np.zeros((present.shape[0], len(groups)), dtype=bool)
+        )
         return np.cumprod(covered, axis=0).sum(axis=0)

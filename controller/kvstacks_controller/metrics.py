@@ -23,11 +23,19 @@ class ClusterCollector(Collector):
     def collect(self) -> Iterator:
         c = self.cluster
         reg = c.registry
-        status = GaugeMetricFamily("kvstacks_controller_workers", "Registered workers by health", labels=["status"])
-        healthy_gauge = GaugeMetricFamily("kvstacks_worker_healthy", "1 while a worker heartbeats within the timeout",
-                                          labels=["instance_id", "worker_id"])
-        held = GaugeMetricFamily("kvstacks_controller_holder_chunks", "Chunks the index holds per worker and location",
-                                 labels=["instance_id", "worker_id", "location"])
+        status = GaugeMetricFamily(
+            "kvstacks_controller_workers", "Registered workers by health", labels=["status"]
+        )
+        healthy_gauge = GaugeMetricFamily(
+            "kvstacks_worker_healthy",
+            "1 while a worker heartbeats within the timeout",
+            labels=["instance_id", "worker_id"],
+        )
+        held = GaugeMetricFamily(
+            "kvstacks_controller_holder_chunks",
+            "Chunks the index holds per worker and location",
+            labels=["instance_id", "worker_id", "location"],
+        )
         healthy = unhealthy = 0
         for worker in list(reg.workers.values()):
             ok = reg.healthy(worker)
@@ -41,18 +49,30 @@ class ClusterCollector(Collector):
         yield status
         yield healthy_gauge
         yield held
-        yield GaugeMetricFamily("kvstacks_controller_chunks_indexed", "Distinct chunks held by at least one worker",
-                                value=len(c.index))
-        yield GaugeMetricFamily("kvstacks_controller_index_bytes", "Memory of the chunk index arrays",
-                                value=c.index.nbytes)
-        yield GaugeMetricFamily("kvstacks_controller_pinned_chunks", "Pinned chunks over all workers (from heartbeats)",
-                                value=c.pinned_chunks())
-        yield GaugeMetricFamily("kvstacks_controller_worker_chunks", "Chunks stored over all workers and tiers "
-                                "(from heartbeats)", value=c.worker_chunks())
-        yield GaugeMetricFamily("kvstacks_controller_pending_events", "Commands still running",
-                                value=c.executor.pending)
-        events = CounterMetricFamily("kvstacks_controller_chunk_events", "Chunk admit/evict events ingested",
-                                     labels=["kind"])
+        yield GaugeMetricFamily(
+            "kvstacks_controller_chunks_indexed",
+            "Distinct chunks held by at least one worker",
+            value=len(c.index),
+        )
+        yield GaugeMetricFamily(
+            "kvstacks_controller_index_bytes", "Memory of the chunk index arrays", value=c.index.nbytes
+        )
+        yield GaugeMetricFamily(
+            "kvstacks_controller_pinned_chunks",
+            "Pinned chunks over all workers (from heartbeats)",
+            value=c.pinned_chunks(),
+        )
+        yield GaugeMetricFamily(
+            "kvstacks_controller_worker_chunks",
+            "Chunks stored over all workers and tiers (from heartbeats)",
+            value=c.worker_chunks(),
+        )
+        yield GaugeMetricFamily(
+            "kvstacks_controller_pending_events", "Commands still running", value=c.executor.pending
+        )
+        events = CounterMetricFamily(
+            "kvstacks_controller_chunk_events", "Chunk admit/evict events ingested", labels=["kind"]
+        )
         for kind, n in c.chunk_events.items():
             events.add_metric([kind], n)
         yield events
@@ -61,10 +81,16 @@ class ClusterCollector(Collector):
 class ControllerMetrics:
     def __init__(self, cluster) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.latency = Histogram("kvstacks_controller_request_duration_seconds", "Time to answer a request",
-                                 ["endpoint"], registry=self.registry, buckets=LATENCY_BUCKETS)
-        self.requests = Counter("kvstacks_controller_requests", "Requests answered", ["endpoint", "code"],
-                                registry=self.registry)
+        self.latency = Histogram(
+            "kvstacks_controller_request_duration_seconds",
+            "Time to answer a request",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "kvstacks_controller_requests", "Requests answered", ["endpoint", "code"], registry=self.registry
+        )
         self.registry.register(ClusterCollector(cluster))
 
     def observe(self, endpoint: str, code: int, seconds: float) -> None:

@@ -9,8 +9,11 @@ from kvstacks_controller.command import auth_for
 from kvstacks_controller.schema import tokens_schema
 from kvstacks_controller.settings import Settings
 
-ERROR_SCHEMA = {"type": "object", "required": ["error"],
-                "properties": {"error": {"type": "string"}, "event_id": {"type": "string"}}}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "event_id": {"type": "string"}},
+}
 
 _ERRORS = {
     "400": "Malformed JSON, a wrong type or a missing field; the reason names the field",
@@ -24,10 +27,15 @@ _ERRORS = {
 
 
 def components(settings: Settings) -> dict[str, Any]:
-    return {"Tokens": tokens_schema(settings.max_tokens),
-            "TokensBatch": {"type": "array", "maxItems": settings.max_batch,
-                            "items": {"$ref": "#/components/schemas/Tokens"}},
-            "Error": ERROR_SCHEMA}
+    return {
+        "Tokens": tokens_schema(settings.max_tokens),
+        "TokensBatch": {
+            "type": "array",
+            "maxItems": settings.max_batch,
+            "items": {"$ref": "#/components/schemas/Tokens"},
+        },
+        "Error": ERROR_SCHEMA,
+    }
 
 
 def build(commands: dict[str, type], settings: Settings, version: str) -> dict[str, Any]:
@@ -39,28 +47,46 @@ def build(commands: dict[str, type], settings: Settings, version: str) -> dict[s
                 "operationId": f"{name.replace('/', '_')}_{method.lower()}",
                 "summary": getattr(cls, "summary", "") or (cls.__doc__ or name).strip().splitlines()[0],
                 "x-mutating": bool(getattr(cls, "mutating", True)),
-                "responses": {"200": {"description": "Done",
-                                      "content": {"application/json": {"schema": copy.deepcopy(
-                                          getattr(cls, "response_schema", None) or {"type": "object"})}}}},
+                "responses": {
+                    "200": {
+                        "description": "Done",
+                        "content": {
+                            "application/json": {
+                                "schema": copy.deepcopy(
+                                    getattr(cls, "response_schema", None) or {"type": "object"}
+                                )
+                            }
+                        },
+                    }
+                },
             }
             for code, text in _ERRORS.items():
-                op["responses"][code] = {"description": text, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Error"}}}}
+                op["responses"][code] = {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
             if name in ("move", "clear", "pin", "unpin", "compress", "decompress"):
-                op["responses"]["202"] = {"description": "Still running: poll /check_finish with the event_id",
-                                          "content": {"application/json": {"schema": {"type": "object"}}}}
+                op["responses"]["202"] = {
+                    "description": "Still running: poll /check_finish with the event_id",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
             level = auth_for(cls, method)
             op["security"] = [] if level == "public" else [{level: []}]
             schema = getattr(cls, "request_schema", None)
             if method == "POST" and schema is not None:
-                op["requestBody"] = {"required": True,
-                                     "content": {"application/json": {"schema": copy.deepcopy(schema)}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": copy.deepcopy(schema)}},
+                }
             item[method.lower()] = op
         paths[f"/{name}"] = item
     return {
         "openapi": "3.0.3",
-        "info": {"title": "kvstacks controller", "version": version,
-                 "description": "LMCache-compatible operator API over a fleet of kvstacks workers."},
+        "info": {
+            "title": "kvstacks controller",
+            "version": version,
+            "description": "LMCache-compatible operator API over a fleet of kvstacks workers.",
+        },
         "paths": paths,
         "components": {
             "schemas": components(settings),

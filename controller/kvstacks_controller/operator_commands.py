@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvstacks.plugins import describe
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
-from kvstacks.plugins import describe
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.command import Command, CommandError
 from kvstacks_controller.executor import Event
@@ -20,11 +20,22 @@ from kvstacks_controller.registry import Worker
 TOKENS = {"$ref": "#/components/schemas/Tokens"}
 INSTANCE = {"type": "string", "minLength": 1, "maxLength": 256}
 LOCATION = {"type": "string", "minLength": 1, "maxLength": 128}
-POSITION = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256},
-            "minItems": 2, "maxItems": 2, "description": "[instance_id, location]"}
-EVENT_ANSWER = {"type": "object", "properties": {"event_id": {"type": "string"}, "num_tokens": {"type": "integer"}}}
-LAYOUT = {"type": "object", "description": "instance_id -> [location, matched prefix tokens]",
-          "additionalProperties": {"type": "array"}}
+POSITION = {
+    "type": "array",
+    "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "minItems": 2,
+    "maxItems": 2,
+    "description": "[instance_id, location]",
+}
+EVENT_ANSWER = {
+    "type": "object",
+    "properties": {"event_id": {"type": "string"}, "num_tokens": {"type": "integer"}},
+}
+LAYOUT = {
+    "type": "object",
+    "description": "instance_id -> [location, matched prefix tokens]",
+    "additionalProperties": {"type": "array"},
+}
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
@@ -36,7 +47,9 @@ def answer(event: Event, **pending_fields: Any) -> Any:
     if event.status == "finished":
         return {"event_id": event.event_id, **event.result}
     if event.status == "pending":
-        return JSONResponse({"event_id": event.event_id, "status": "pending", **pending_fields}, status_code=202)
+        return JSONResponse(
+            {"event_id": event.event_id, "status": "pending", **pending_fields}, status_code=202
+        )
     raise CommandError(event.code if 400 <= event.code < 600 else 502, event.reason, event_id=event.event_id)
 
 
@@ -55,8 +68,11 @@ class Lookup(Command):
     mutating = False
     summary = "Longest cached prefix of tokens, per instance: {instance_id: [location, matched_tokens]}"
     request_schema = _obj(["tokens"], tokens=TOKENS, salt={"type": "string", "maxLength": 1024})
-    response_schema = {"type": "object", "required": ["event_id", "layout_info"],
-                       "properties": {"event_id": {"type": "string"}, "layout_info": LAYOUT}}
+    response_schema = {
+        "type": "object",
+        "required": ["event_id", "layout_info"],
+        "properties": {"event_id": {"type": "string"}, "layout_info": LAYOUT},
+    }
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         layout = ctx.lookup(body["tokens"], body.get("salt", ""))
@@ -70,16 +86,25 @@ class BatchLookup(Command):
     name = "batch_lookup"
     mutating = False
     summary = "Lookup of many token lists in one call: {event_id, results: [layout_info, ...]}"
-    request_schema = _obj(["tokens_list"], tokens_list={"$ref": "#/components/schemas/TokensBatch"},
-                          salt={"type": "string", "maxLength": 1024})
-    response_schema = {"type": "object", "required": ["event_id", "results"],
-                       "properties": {"event_id": {"type": "string"}, "results": {"type": "array", "items": LAYOUT}}}
+    request_schema = _obj(
+        ["tokens_list"],
+        tokens_list={"$ref": "#/components/schemas/TokensBatch"},
+        salt={"type": "string", "maxLength": 1024},
+    )
+    response_schema = {
+        "type": "object",
+        "required": ["event_id", "results"],
+        "properties": {"event_id": {"type": "string"}, "results": {"type": "array", "items": LAYOUT}},
+    }
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         total = sum(len(t) for t in body["tokens_list"])
         if total > ctx.settings.max_tokens:
-            raise CommandError(413, f"tokens_list holds {total} tokens in all, more than the limit of "
-                                    f"{ctx.settings.max_tokens}; split it over several calls")
+            raise CommandError(
+                413,
+                f"tokens_list holds {total} tokens in all, more than the limit of "
+                f"{ctx.settings.max_tokens}; split it over several calls",
+            )
         salt = body.get("salt", "")
         results = [ctx.lookup(tokens, salt) for tokens in body["tokens_list"]]
         event = ctx.executor.finished(self.name, {"prompts": len(results)})
@@ -135,8 +160,13 @@ class Pin(_PrefixCommand):
 
     name = op = "pin"
     summary = "Pin a prefix at a location of an instance so it is not evicted (ttl in seconds, optional)"
-    request_schema = _obj(["instance_id", "location", "tokens"], instance_id=INSTANCE, location=LOCATION,
-                          tokens=TOKENS, ttl={"type": "number", "minimum": 0, "maximum": 10**9, "nullable": True})
+    request_schema = _obj(
+        ["instance_id", "location", "tokens"],
+        instance_id=INSTANCE,
+        location=LOCATION,
+        tokens=TOKENS,
+        ttl={"type": "number", "minimum": 0, "maximum": 10**9, "nullable": True},
+    )
     response_schema = EVENT_ANSWER
 
     def args(self, body: dict[str, Any], tier: str | None) -> dict[str, Any]:
@@ -148,8 +178,9 @@ class Unpin(_PrefixCommand):
 
     name = op = "unpin"
     summary = "Unpin a prefix at a location of an instance"
-    request_schema = _obj(["instance_id", "location", "tokens"], instance_id=INSTANCE, location=LOCATION,
-                          tokens=TOKENS)
+    request_schema = _obj(
+        ["instance_id", "location", "tokens"], instance_id=INSTANCE, location=LOCATION, tokens=TOKENS
+    )
     response_schema = EVENT_ANSWER
 
 
@@ -158,9 +189,13 @@ class Compress(_PrefixCommand):
 
     name = op = "compress"
     summary = "Re-encode a prefix at a location with a registered compressor (method: lz4, cachegen, ...)"
-    request_schema = _obj(["instance_id", "method", "location", "tokens"], instance_id=INSTANCE,
-                          method={"type": "string", "minLength": 1, "maxLength": 64}, location=LOCATION,
-                          tokens=TOKENS)
+    request_schema = _obj(
+        ["instance_id", "method", "location", "tokens"],
+        instance_id=INSTANCE,
+        method={"type": "string", "minLength": 1, "maxLength": 64},
+        location=LOCATION,
+        tokens=TOKENS,
+    )
     response_schema = EVENT_ANSWER
 
     def args(self, body: dict[str, Any], tier: str | None) -> dict[str, Any]:
@@ -172,8 +207,13 @@ class Decompress(_PrefixCommand):
 
     name = op = "decompress"
     summary = "Decode a compressed prefix at a location back to raw KV"
-    request_schema = _obj(["instance_id", "location", "tokens"], instance_id=INSTANCE, location=LOCATION,
-                          tokens=TOKENS, method={"type": "string", "maxLength": 64})
+    request_schema = _obj(
+        ["instance_id", "location", "tokens"],
+        instance_id=INSTANCE,
+        location=LOCATION,
+        tokens=TOKENS,
+        method={"type": "string", "maxLength": 64},
+    )
     response_schema = EVENT_ANSWER
 
 
@@ -181,11 +221,18 @@ class Move(Command):
     """Move (or copy) a prefix between locations, on one instance or between two."""
 
     name = "move"
-    summary = ("Move a prefix from old_position to new_position ([instance_id, location]); answers at once, "
-               "poll /check_finish")
-    request_schema = _obj(["old_position", "new_position", "tokens"], old_position=POSITION, new_position=POSITION,
-                          tokens=TOKENS, copy={"type": "boolean"},
-                          channel={"type": "string", "minLength": 1, "maxLength": 64})
+    summary = (
+        "Move a prefix from old_position to new_position ([instance_id, location]); answers at once, "
+        "poll /check_finish"
+    )
+    request_schema = _obj(
+        ["old_position", "new_position", "tokens"],
+        old_position=POSITION,
+        new_position=POSITION,
+        tokens=TOKENS,
+        copy={"type": "boolean"},
+        channel={"type": "string", "minLength": 1, "maxLength": 64},
+    )
     response_schema = EVENT_ANSWER
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> Any:
@@ -200,23 +247,45 @@ class Move(Command):
         if src_id == dst_id and src_tier == dst_tier:
             raise CommandError(400, "old_position and new_position are the same place")
         if [w.worker_id for w in src_workers] != [w.worker_id for w in dst_workers]:
-            raise CommandError(409, f"{src_id!r} and {dst_id!r} have different ranks "
-                                    f"({[w.worker_id for w in src_workers]} vs {[w.worker_id for w in dst_workers]}); "
-                                    "a move pairs rank i with rank i")
+            raise CommandError(
+                409,
+                f"{src_id!r} and {dst_id!r} have different ranks "
+                f"({[w.worker_id for w in src_workers]} vs {[w.worker_id for w in dst_workers]}); "
+                "a move pairs rank i with rank i",
+            )
         planned = min(ctx.holder_tokens(w, src_tier, tokens) for w in src_workers)
-        pairs = list(zip(src_workers, dst_workers))
+        pairs = list(zip(src_workers, dst_workers, strict=True))
         if src_id == dst_id:
-            calls = [(src, "move_local", {"tokens": tokens, "src_tier": src_tier, "dst_tier": dst_tier,
-                                          "copy": copy}) for src, _ in pairs]
+            calls = [
+                (
+                    src,
+                    "move_local",
+                    {"tokens": tokens, "src_tier": src_tier, "dst_tier": dst_tier, "copy": copy},
+                )
+                for src, _ in pairs
+            ]
         else:
-            calls = [(src, "send", {"tokens": tokens, "tier": src_tier, "copy": copy,
-                                    **_destination(src, dst, dst_tier, body.get("channel"))}) for src, dst in pairs]
+            calls = [
+                (
+                    src,
+                    "send",
+                    {
+                        "tokens": tokens,
+                        "tier": src_tier,
+                        "copy": copy,
+                        **_destination(src, dst, dst_tier, body.get("channel")),
+                    },
+                )
+                for src, dst in pairs
+            ]
 
         async def work() -> dict[str, Any]:
             import asyncio
 
-            results = await asyncio.gather(*(ctx.executor.call(w, op, args, ctx.settings.move_timeout)
-                                             for w, op, args in calls), return_exceptions=True)
+            results = await asyncio.gather(
+                *(ctx.executor.call(w, op, args, ctx.settings.move_timeout) for w, op, args in calls),
+                return_exceptions=True,
+            )
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
@@ -232,12 +301,18 @@ def _destination(src: Worker, dst: Worker, tier: str, channel: str | None) -> di
     common = [name for name in src.transfer if name in dst.transfer]
     if channel is not None:
         if channel not in common:
-            raise CommandError(400, f"transfer channel {channel!r} is not open on both sides; common: "
-                                    f"{', '.join(common) or 'none'}")
+            raise CommandError(
+                400,
+                f"transfer channel {channel!r} is not open on both sides; common: "
+                f"{', '.join(common) or 'none'}",
+            )
         common = [channel]
     if not common:
-        raise CommandError(409, f"workers {src.instance_id}/{src.worker_id} and {dst.instance_id}/{dst.worker_id} "
-                                "share no transfer channel (install the same channel plugins on both)")
+        raise CommandError(
+            409,
+            f"workers {src.instance_id}/{src.worker_id} and {dst.instance_id}/{dst.worker_id} "
+            "share no transfer channel (install the same channel plugins on both)",
+        )
     return {"channel": common[0], "address": dst.transfer[common[0]], "dst_tier": tier}
 
 
@@ -253,19 +328,32 @@ class Health(Command):
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         if "instance_id" not in body:
-            workers = [ctx.registry.describe(w) for w in sorted(ctx.registry.workers.values(),
-                                                                 key=lambda w: (w.instance_id, w.worker_id))]
-            return {"controller_status": "healthy", "num_workers": len(workers),
-                    "healthy_workers": sum(w["status"] == "healthy" for w in workers), "workers": workers}
+            workers = [
+                ctx.registry.describe(w)
+                for w in sorted(ctx.registry.workers.values(), key=lambda w: (w.instance_id, w.worker_id))
+            ]
+            return {
+                "controller_status": "healthy",
+                "num_workers": len(workers),
+                "healthy_workers": sum(w["status"] == "healthy" for w in workers),
+                "workers": workers,
+            }
         if not isinstance(body["instance_id"], str):
             raise CommandError(400, "instance_id: expected a string")
         workers = ctx.instance_workers(body["instance_id"], healthy_only=False)
         described = [ctx.registry.describe(w) for w in workers]
         codes = {str(w["worker_id"]): 0 if w["status"] == "healthy" else 1 for w in described}
         event = ctx.executor.finished(self.name, {"error_codes": codes})
-        status = "healthy" if not any(codes.values()) else ("unhealthy" if all(codes.values()) else "degraded")
-        return {"event_id": event.event_id, "instance_id": body["instance_id"], "status": status,
-                "error_codes": codes, "workers": described}
+        status = (
+            "healthy" if not any(codes.values()) else ("unhealthy" if all(codes.values()) else "degraded")
+        )
+        return {
+            "event_id": event.event_id,
+            "instance_id": body["instance_id"],
+            "status": status,
+            "error_codes": codes,
+            "workers": described,
+        }
 
 
 class CheckFinish(Command):
@@ -275,15 +363,24 @@ class CheckFinish(Command):
     mutating = False
     summary = "Status of an event: pending, finished or failed (with a reason)"
     request_schema = _obj(["event_id"], event_id={"type": "string", "minLength": 1, "maxLength": 128})
-    response_schema = {"type": "object", "required": ["status"],
-                       "properties": {"status": {"type": "string", "enum": ["pending", "finished", "failed"]},
-                                      "reason": {"type": "string"}, "result": {"type": "object"}}}
+    response_schema = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"type": "string", "enum": ["pending", "finished", "failed"]},
+            "reason": {"type": "string"},
+            "result": {"type": "object"},
+        },
+    }
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         event = ctx.executor.get(body["event_id"])
         if event is None:
-            raise CommandError(404, f"unknown event_id {body['event_id']!r}; the controller keeps the last "
-                                    f"{ctx.settings.max_events} events and forgets them on restart")
+            raise CommandError(
+                404,
+                f"unknown event_id {body['event_id']!r}; the controller keeps the last "
+                f"{ctx.settings.max_events} events and forgets them on restart",
+            )
         return event.describe()
 
 
@@ -293,9 +390,15 @@ class QueryWorkerInfo(Command):
     name = "query_worker_info"
     mutating = False
     summary = "Registration and last stats of the workers of an instance"
-    request_schema = _obj(["instance_id"], instance_id=INSTANCE,
-                          worker_ids={"type": "array", "maxItems": 4096,
-                                      "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}})
+    request_schema = _obj(
+        ["instance_id"],
+        instance_id=INSTANCE,
+        worker_ids={
+            "type": "array",
+            "maxItems": 4096,
+            "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+        },
+    )
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         workers = ctx.instance_workers(body["instance_id"], healthy_only=False)
@@ -304,8 +407,11 @@ class QueryWorkerInfo(Command):
             known = {w.worker_id for w in workers}
             missing = sorted(set(wanted) - known)
             if missing:
-                raise CommandError(404, f"instance {body['instance_id']!r} has no worker {missing[0]}; "
-                                        f"its workers: {sorted(known)}")
+                raise CommandError(
+                    404,
+                    f"instance {body['instance_id']!r} has no worker {missing[0]}; "
+                    f"its workers: {sorted(known)}",
+                )
             workers = [w for w in workers if w.worker_id in set(wanted)]
         infos = [ctx.registry.describe(w) for w in workers]
         event = ctx.executor.finished(self.name, {"workers": len(infos)})
@@ -349,5 +455,19 @@ class OpenAPI(Command):
         return ctx.openapi
 
 
-COMMANDS = (Lookup, BatchLookup, Clear, Pin, Unpin, Compress, Decompress, Move, Health, CheckFinish,
-            QueryWorkerInfo, Metrics, Plugins, OpenAPI)
+COMMANDS = (
+    Lookup,
+    BatchLookup,
+    Clear,
+    Pin,
+    Unpin,
+    Compress,
+    Decompress,
+    Move,
+    Health,
+    CheckFinish,
+    QueryWorkerInfo,
+    Metrics,
+    Plugins,
+    OpenAPI,
+)

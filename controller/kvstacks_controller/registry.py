@@ -47,10 +47,16 @@ class Worker:
             "last_heartbeat": _iso(self.last_heartbeat_wall),
             "seconds_since_heartbeat": round(now - self.last_heartbeat, 3),
             "registered_at": _iso(self.registered_at),
-            "ip": host, "port": int(port) if port.isdigit() else 0, "address": self.address,
-            "pid": self.pid, "version": self.version, "model": self.model,
-            "chunk_size": self.chunk_size, "locations": list(self.tiers),
-            "transfer": dict(self.transfer), "stats": self.stats,
+            "ip": host,
+            "port": int(port) if port.isdigit() else 0,
+            "address": self.address,
+            "pid": self.pid,
+            "version": self.version,
+            "model": self.model,
+            "chunk_size": self.chunk_size,
+            "locations": list(self.tiers),
+            "transfer": dict(self.transfer),
+            "stats": self.stats,
         }
 
 
@@ -92,8 +98,9 @@ class WorkerRegistry:
         return worker.healthy(self.clock(), self.heartbeat_timeout)
 
     def instance(self, instance_id: str) -> list[Worker]:
-        return sorted((w for w in self.workers.values() if w.instance_id == instance_id),
-                      key=lambda w: w.worker_id)
+        return sorted(
+            (w for w in self.workers.values() if w.instance_id == instance_id), key=lambda w: w.worker_id
+        )
 
     def instances(self) -> dict[str, list[Worker]]:
         out: dict[str, list[Worker]] = {}

@@ -19,8 +19,12 @@ from kvstacks_controller.command import CommandError
 INT32_MAX = 2**31 - 1
 
 _TYPES = {
-    "object": "an object", "array": "a list", "string": "a string",
-    "integer": "an integer", "number": "a number", "boolean": "true or false",
+    "object": "an object",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
 }
 
 
@@ -51,7 +55,7 @@ def parse_body(raw: bytes, loads: Callable[[bytes], Any]) -> Any:
     end = raw.find(b"]", start + 1) if start >= 0 else -1
     if end - start < _FAST_MIN_BYTES:
         return loads(raw)
-    inner = raw[start + 1:end]
+    inner = raw[start + 1 : end]
     if inner.translate(None, _TOKEN_BYTES):
         return loads(raw)
     try:
@@ -65,7 +69,7 @@ def parse_body(raw: bytes, loads: Callable[[bytes], Any]) -> Any:
     # A placeholder no client can predict, so it cannot be smuggled in elsewhere in the body.
     placeholder = "\u0000" + secrets.token_hex(8)
     try:
-        body = loads(raw[:start] + json.dumps(placeholder).encode() + raw[end + 1:])
+        body = loads(raw[:start] + json.dumps(placeholder).encode() + raw[end + 1 :])
     except ValueError:
         return loads(raw)  # the bracket was inside a string
     if not isinstance(body, dict):
@@ -80,8 +84,12 @@ def parse_body(raw: bytes, loads: Callable[[bytes], Any]) -> Any:
 
 
 def tokens_schema(max_tokens: int) -> dict[str, Any]:
-    return {"type": "array", "maxItems": max_tokens, "description": "token ids",
-            "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}
+    return {
+        "type": "array",
+        "maxItems": max_tokens,
+        "description": "token ids",
+        "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX},
+    }
 
 
 def _is(value: Any, kind: str) -> bool:
@@ -112,9 +120,9 @@ class Validator:
         while "$ref" in schema:
             ref = schema["$ref"]
             prefix = "#/components/schemas/"
-            if not ref.startswith(prefix) or ref[len(prefix):] not in self.components:
+            if not ref.startswith(prefix) or ref[len(prefix) :] not in self.components:
                 raise ValueError(f"unresolvable $ref {ref!r}")
-            schema = self.components[ref[len(prefix):]]
+            schema = self.components[ref[len(prefix) :]]
         return schema
 
     def validate(self, value: Any, schema: Mapping[str, Any], path: str = "") -> Any:
@@ -160,8 +168,10 @@ class Validator:
 
     def _array(self, value: list, schema: Mapping[str, Any], path: str) -> list:
         if "maxItems" in schema and len(value) > schema["maxItems"]:
-            raise CommandError(413 if len(value) > 1000 else 400,
-                               f"{path or 'body'}: {len(value)} items, more than the limit of {schema['maxItems']}")
+            raise CommandError(
+                413 if len(value) > 1000 else 400,
+                f"{path or 'body'}: {len(value)} items, more than the limit of {schema['maxItems']}",
+            )
         if len(value) < schema.get("minItems", 0):
             raise _fail(path, f"needs at least {schema['minItems']} items, got {len(value)}")
         items = schema.get("items")
@@ -185,7 +195,7 @@ class Validator:
         try:
             array = np.fromiter(value, dtype=np.int64, count=len(value))  # all ints: checked above
         except OverflowError:
-            i = next(i for i, v in enumerate(value) if not -2**63 <= v < 2**63)
+            i = next(i for i, v in enumerate(value) if not -(2**63) <= v < 2**63)
             raise _fail(f"{path}[{i}]", f"{value[i]} is out of range") from None
         return self._int_array(value, array, items, path)
 

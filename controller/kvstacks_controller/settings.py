@@ -30,8 +30,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
-        settings = cls(admin_token=os.environ.get("KVSTACKS_ADMIN_TOKEN") or None,
-                       worker_token=os.environ.get("KVSTACKS_WORKER_TOKEN") or None)
+        settings = cls(
+            admin_token=os.environ.get("KVSTACKS_ADMIN_TOKEN") or None,
+            worker_token=os.environ.get("KVSTACKS_WORKER_TOKEN") or None,
+        )
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
@@ -41,12 +43,19 @@ class Settings:
         """Refuse to listen beyond loopback without both tokens."""
         if is_loopback(self.host):
             return
-        missing = [env for env, value in (("KVSTACKS_ADMIN_TOKEN", self.admin_token),
-                                          ("KVSTACKS_WORKER_TOKEN", self.worker_token)) if not value]
+        missing = [
+            env
+            for env, value in (
+                ("KVSTACKS_ADMIN_TOKEN", self.admin_token),
+                ("KVSTACKS_WORKER_TOKEN", self.worker_token),
+            )
+            if not value
+        ]
         if missing:
             raise ValueError(
                 f"refusing to listen on {self.host} (beyond loopback) without {' and '.join(missing)}: "
-                "set them to long random strings, or bind --host 127.0.0.1")
+                "set them to long random strings, or bind --host 127.0.0.1"
+            )
 
 
 def is_loopback(host: str) -> bool:

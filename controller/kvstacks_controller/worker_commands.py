@@ -15,14 +15,21 @@ from kvstacks_controller.index import HASH_BYTES
 from kvstacks_controller.registry import Worker
 
 _NAME = {"type": "string", "minLength": 1, "maxLength": 256}
-_IDS = {"instance_id": _NAME, "worker_id": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
-        "session": {"type": "string", "minLength": 1, "maxLength": 128}}
+_IDS = {
+    "instance_id": _NAME,
+    "worker_id": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+    "session": {"type": "string", "minLength": 1, "maxLength": 128},
+}
 _IDS_REQUIRED = ["instance_id", "worker_id", "session"]
 
 
 def _obj(required: list[str], **props: Any) -> dict[str, Any]:
-    return {"type": "object", "required": _IDS_REQUIRED + required, "properties": {**_IDS, **props},
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "required": _IDS_REQUIRED + required,
+        "properties": {**_IDS, **props},
+        "additionalProperties": False,
+    }
 
 
 def _address(text: str, field: str) -> str:
@@ -37,8 +44,12 @@ def _known(ctx: Cluster, body: dict[str, Any]) -> Worker:
     if worker is None:
         # The controller restarted or the worker was replaced: the agent registers
         # again and re-reports what it holds.
-        raise CommandError(409, f"worker {body['instance_id']}/{body['worker_id']} (session {body['session']}) "
-                                "is not registered; register again", reregister=True)
+        raise CommandError(
+            409,
+            f"worker {body['instance_id']}/{body['worker_id']} (session {body['session']}) "
+            "is not registered; register again",
+            reregister=True,
+        )
     return worker
 
 
@@ -52,9 +63,14 @@ class WorkerRegister(Command):
         ["address", "chunk_size", "tiers"],
         address={"type": "string", "minLength": 3, "maxLength": 300},
         chunk_size={"type": "integer", "minimum": 1, "maximum": 1 << 20},
-        tiers={"type": "array", "minItems": 1, "maxItems": 64, "items": {"type": "string", "minLength": 1,
-                                                                           "maxLength": 128}},
-        model={"type": "string", "maxLength": 256}, version={"type": "string", "maxLength": 64},
+        tiers={
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 64,
+            "items": {"type": "string", "minLength": 1, "maxLength": 128},
+        },
+        model={"type": "string", "maxLength": 256},
+        version={"type": "string", "maxLength": 64},
         pid={"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
         transfer={"type": "object", "description": "channel name -> host:port"},
     )
@@ -66,9 +82,15 @@ class WorkerRegister(Command):
         if len(transfer) > 16 or not all(isinstance(v, str) and len(k) <= 64 for k, v in transfer.items()):
             raise CommandError(400, "transfer: expected at most 16 entries of channel name -> 'host:port'")
         worker = Worker(
-            instance_id=body["instance_id"], worker_id=body["worker_id"], session=body["session"],
-            address=_address(body["address"], "address"), chunk_size=body["chunk_size"], tiers=list(body["tiers"]),
-            model=body.get("model", ""), pid=body.get("pid", 0), version=body.get("version", ""),
+            instance_id=body["instance_id"],
+            worker_id=body["worker_id"],
+            session=body["session"],
+            address=_address(body["address"], "address"),
+            chunk_size=body["chunk_size"],
+            tiers=list(body["tiers"]),
+            model=body.get("model", ""),
+            pid=body.get("pid", 0),
+            version=body.get("version", ""),
             transfer={k: _address(v, f"transfer.{k}") for k, v in transfer.items()},
         )
         ctx.add_worker(worker)
@@ -90,18 +112,26 @@ class WorkerHeartbeat(Command):
 
 class _ChunkReport(Command):
     kind = ""
-    request_schema = _obj(["tier", "hashes"], tier={"type": "string", "minLength": 1, "maxLength": 128},
-                          hashes={"type": "string", "description": "concatenated 16-byte chunk hashes, hex"})
+    request_schema = _obj(
+        ["tier", "hashes"],
+        tier={"type": "string", "minLength": 1, "maxLength": 128},
+        hashes={"type": "string", "description": "concatenated 16-byte chunk hashes, hex"},
+    )
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         worker = _known(ctx, body)
         hid = worker.holders.get(body["tier"])
         if hid is None:
-            raise CommandError(404, f"worker {worker.instance_id}/{worker.worker_id} registered no tier "
-                                    f"{body['tier']!r}; its tiers: {', '.join(worker.tiers)}")
+            raise CommandError(
+                404,
+                f"worker {worker.instance_id}/{worker.worker_id} registered no tier "
+                f"{body['tier']!r}; its tiers: {', '.join(worker.tiers)}",
+            )
         text = body["hashes"]
         if len(text) % (2 * HASH_BYTES):
-            raise CommandError(400, f"hashes: expected a multiple of {2 * HASH_BYTES} hex digits, got {len(text)}")
+            raise CommandError(
+                400, f"hashes: expected a multiple of {2 * HASH_BYTES} hex digits, got {len(text)}"
+            )
         try:
             raw = bytes.fromhex(text)
         except ValueError:

@@ -124,8 +124,10 @@ class Agent:
         self._server.daemon_threads = True
         self.address = f"{self.options.advertise_host or host}:{self._server.server_address[1]}"
         self._open_channels()
-        for target, name in ((self._server.serve_forever, "kvstacks-agent-commands"),
-                             (self._report_loop, "kvstacks-agent-reporter")):
+        for target, name in (
+            (self._server.serve_forever, "kvstacks-agent-commands"),
+            (self._report_loop, "kvstacks-agent-reporter"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -138,8 +140,11 @@ class Agent:
         names = reg.names("transfer_channels") if wanted is None else wanted
         for name in names:
             if ("transfer_channels", name) not in reg:
-                raise ConfigError("controller.transfer_channels", f"{name!r} is not installed; installed: "
-                                  f"{', '.join(reg.names('transfer_channels')) or 'none'}")
+                raise ConfigError(
+                    "controller.transfer_channels",
+                    f"{name!r} is not installed; installed: "
+                    f"{', '.join(reg.names('transfer_channels')) or 'none'}",
+                )
             channel = reg.create("transfer_channels", name)
             try:
                 address = channel.listen(self.options.listen_host, 0, self._receive, self.token)
@@ -160,9 +165,13 @@ class Agent:
             thread.join(timeout)
         if self.registered:
             try:
-                self._post("/worker/deregister", self._ids(), timeout=min(timeout, self.options.request_timeout))
+                self._post(
+                    "/worker/deregister", self._ids(), timeout=min(timeout, self.options.request_timeout)
+                )
             except Exception as exc:
-                log.info("deregister from %s failed (the controller will time this worker out): %s", self.url, exc)
+                log.info(
+                    "deregister from %s failed (the controller will time this worker out): %s", self.url, exc
+                )
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -246,16 +255,19 @@ class Agent:
     def _register(self) -> None:
         engine = self.engine
         self._take()  # the resync below covers whatever was queued
-        self._post("/worker/register", {
-            **self._ids(),
-            "address": self.address,
-            "chunk_size": engine.config.chunk_size,
-            "tiers": [t.name for t in engine.tiers],
-            "model": engine.config.model,
-            "pid": os.getpid(),
-            "version": _version(),
-            "transfer": dict(self.channel_addresses),
-        })
+        self._post(
+            "/worker/register",
+            {
+                **self._ids(),
+                "address": self.address,
+                "chunk_size": engine.config.chunk_size,
+                "tiers": [t.name for t in engine.tiers],
+                "model": engine.config.model,
+                "pid": os.getpid(),
+                "version": _version(),
+                "transfer": dict(self.channel_addresses),
+            },
+        )
         self.registered = True
         self.registrations += 1
         for tier, keys in engine.keys().items():
@@ -275,9 +287,11 @@ class Agent:
     def _send_hashes(self, kind: str, tier: str, keys: list[CacheKey]) -> None:
         size = self.options.batch_size
         for start in range(0, len(keys), size):
-            batch = keys[start:start + size]
-            self._post(f"/worker/{kind}", {**self._ids(), "tier": tier,
-                                           "hashes": b"".join(k.chunk_hash for k in batch).hex()})
+            batch = keys[start : start + size]
+            self._post(
+                f"/worker/{kind}",
+                {**self._ids(), "tier": tier, "hashes": b"".join(k.chunk_hash for k in batch).hex()},
+            )
 
     def _stats(self) -> dict[str, Any]:
         try:
@@ -319,8 +333,9 @@ class Agent:
             "remove": lambda a: {"num_tokens": e.remove(a["tokens"], a.get("tier"))},
             "compress": lambda a: {"num_tokens": e.compress(a["tokens"], a["method"], self._tier(a))},
             "decompress": lambda a: {"num_tokens": e.decompress(a["tokens"], self._tier(a))},
-            "move_local": lambda a: {"num_tokens": e.move(a["tokens"], a["src_tier"], a["dst_tier"],
-                                                          bool(a.get("copy", False)))},
+            "move_local": lambda a: {
+                "num_tokens": e.move(a["tokens"], a["src_tier"], a["dst_tier"], bool(a.get("copy", False)))
+            },
             "send": self._send,
             "stats": lambda a: {"stats": self._stats()},
         }
@@ -338,14 +353,21 @@ class Agent:
         """Ship the prefix held in ``tier`` to a peer; remove it here only once the peer confirmed."""
         channel = self.channels.get(args["channel"])
         if channel is None:
-            raise KVStacksError(f"transfer channel {args['channel']!r} is not open here; open: "
-                                f"{', '.join(self.channels) or 'none'}")
+            raise KVStacksError(
+                f"transfer channel {args['channel']!r} is not open here; open: "
+                f"{', '.join(self.channels) or 'none'}"
+            )
         tokens, tier = args["tokens"], self._tier(args)
         objs = self.engine.export_chunks(tokens, tier)
         if not objs:
             return {"num_tokens": 0, "sent_chunks": 0}
-        answer = channel.send(args["address"], objs, {"tier": args["dst_tier"]},
-                              timeout=max(self.options.request_timeout, 60.0), token=self.token)
+        answer = channel.send(
+            args["address"],
+            objs,
+            {"tier": args["dst_tier"]},
+            timeout=max(self.options.request_timeout, 60.0),
+            token=self.token,
+        )
         confirmed = answer.get("num_tokens", 0)
         if not isinstance(confirmed, int) or confirmed < 0:
             raise KVStacksError(f"peer answered an unusable token count {confirmed!r}; source kept")
@@ -358,10 +380,16 @@ class Agent:
         cfg = self.engine.config
         for obj in objs:
             key = obj.key
-            if (key.model, key.kv_format, key.world_size, key.rank) != (cfg.model, cfg.kv_format,
-                                                                         cfg.world_size, cfg.rank):
-                raise KVStacksError(f"chunk for {key.model}/{key.kv_format} rank {key.rank} of {key.world_size} "
-                                    f"cannot go to {cfg.model}/{cfg.kv_format} rank {cfg.rank} of {cfg.world_size}")
+            if (key.model, key.kv_format, key.world_size, key.rank) != (
+                cfg.model,
+                cfg.kv_format,
+                cfg.world_size,
+                cfg.rank,
+            ):
+                raise KVStacksError(
+                    f"chunk for {key.model}/{key.kv_format} rank {key.rank} of {key.world_size} "
+                    f"cannot go to {cfg.model}/{cfg.kv_format} rank {cfg.rank} of {cfg.world_size}"
+                )
         tier = meta.get("tier")
         if tier is not None and not isinstance(tier, str):
             raise KVStacksError("transfer meta 'tier' must be a tier name")
@@ -407,7 +435,9 @@ def _handler_for(agent: Agent) -> type[BaseHTTPRequestHandler]:
             if agent.token:
                 header = self.headers.get("Authorization", "")
                 scheme, _, token = header.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), agent.token.encode()):
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode(), agent.token.encode()
+                ):
                     self._answer(401, {"error": f"missing or wrong bearer token ({TOKEN_ENV})"})
                     return
             if self.path != "/command":
@@ -418,13 +448,18 @@ def _handler_for(agent: Agent) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 length = -1
             if not 0 <= length <= agent.options.max_command_bytes:
-                self._answer(413, {"error": f"command body must be 0..{agent.options.max_command_bytes} bytes"})
+                self._answer(
+                    413, {"error": f"command body must be 0..{agent.options.max_command_bytes} bytes"}
+                )
                 self.close_connection = True
                 return
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict) or not isinstance(body.get("op"), str) \
-                        or not isinstance(body.get("args", {}), dict):
+                if (
+                    not isinstance(body, dict)
+                    or not isinstance(body.get("op"), str)
+                    or not isinstance(body.get("args", {}), dict)
+                ):
                     raise ValueError("expected {op: str, args: object}")
                 result = agent.run_command(body["op"], body.get("args", {}))
             except (KVStacksError, ValueError, KeyError, TypeError) as exc:

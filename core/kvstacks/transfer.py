@@ -47,8 +47,14 @@ class TransferChannel:
         """
         raise NotImplementedError
 
-    def send(self, address: str, objs: list[MemoryObj], meta: dict[str, Any], timeout: float = 60.0,
-             token: str | None = None) -> dict[str, Any]:
+    def send(
+        self,
+        address: str,
+        objs: list[MemoryObj],
+        meta: dict[str, Any],
+        timeout: float = 60.0,
+        token: str | None = None,
+    ) -> dict[str, Any]:
         """Ship ``objs`` to the receiver at ``address``; return its answer or raise TransferError."""
         raise NotImplementedError
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from kvstacks.keys import chunk_hashes
 from kvstacks_controller.app import create_app
 from kvstacks_controller.cluster import Cluster
@@ -48,23 +47,38 @@ async def client(make_client) -> httpx.AsyncClient:
     await c.aclose()
 
 
-async def register(client, instance="inst-1", worker=0, tiers=("cpu", "disk"), chunk_size=4, session=None,
-                   headers=None):
-    body = {"instance_id": instance, "worker_id": worker, "session": session or f"s-{instance}-{worker}",
-            "address": "127.0.0.1:9", "chunk_size": chunk_size, "tiers": list(tiers),
-            "transfer": {"tcp": "127.0.0.1:10"}}
+async def register(
+    client, instance="inst-1", worker=0, tiers=("cpu", "disk"), chunk_size=4, session=None, headers=None
+):
+    body = {
+        "instance_id": instance,
+        "worker_id": worker,
+        "session": session or f"s-{instance}-{worker}",
+        "address": "127.0.0.1:9",
+        "chunk_size": chunk_size,
+        "tiers": list(tiers),
+        "transfer": {"tcp": "127.0.0.1:10"},
+    }
     r = await client.post("/worker/register", json=body, headers=headers or {})
     assert r.status_code == 200, r.text
     return body
 
 
-async def admit(client, tokens, instance="inst-1", worker=0, tier="cpu", chunk_size=4, kind="admit", salt=b"",
-                chunks=None):
+async def admit(
+    client, tokens, instance="inst-1", worker=0, tier="cpu", chunk_size=4, kind="admit", salt=b"", chunks=None
+):
     hashes = chunk_hashes(tokens, chunk_size, salt)
     if chunks is not None:
         hashes = hashes[:chunks]
-    r = await client.post(f"/worker/{kind}", json={
-        "instance_id": instance, "worker_id": worker, "session": f"s-{instance}-{worker}",
-        "tier": tier, "hashes": b"".join(hashes).hex()})
+    r = await client.post(
+        f"/worker/{kind}",
+        json={
+            "instance_id": instance,
+            "worker_id": worker,
+            "session": f"s-{instance}-{worker}",
+            "tier": tier,
+            "hashes": b"".join(hashes).hex(),
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()

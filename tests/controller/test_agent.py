@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import pytest
-
 from kvstacks.agent import Agent, AgentOptions, parse_options
 from kvstacks.errors import ConfigError
 from kvstacks.keys import CacheKey
 
 
-@pytest.mark.parametrize("section,path,message", [
-    ({"instance_id": "a"}, "controller.url", "is required"),
-    ({"url": "http://h:1"}, "controller.instance_id", "is required"),
-    ({"url": "h:1", "instance_id": "a"}, "controller.url", "expected http://host:port"),
-    ({"url": "http://h:1", "instance_id": "a", "heartbeat_interval": "fast"}, "controller.heartbeat_interval",
-     "expected a number"),
-    ({"url": "http://h:1", "instance_id": "a", "heartbeat_interval": 0}, "controller.heartbeat_interval",
-     "positive"),
-    ({"url": "http://h:1", "instance_id": "a", "colour": "red"}, "controller.colour", "unknown option"),
-    ({"url": "http://h:1", "instance_id": "a", "listen_port": 70000}, "controller.listen_port", "port"),
-])
+@pytest.mark.parametrize(
+    "section,path,message",
+    [
+        ({"instance_id": "a"}, "controller.url", "is required"),
+        ({"url": "http://h:1"}, "controller.instance_id", "is required"),
+        ({"url": "h:1", "instance_id": "a"}, "controller.url", "expected http://host:port"),
+        (
+            {"url": "http://h:1", "instance_id": "a", "heartbeat_interval": "fast"},
+            "controller.heartbeat_interval",
+            "expected a number",
+        ),
+        (
+            {"url": "http://h:1", "instance_id": "a", "heartbeat_interval": 0},
+            "controller.heartbeat_interval",
+            "positive",
+        ),
+        ({"url": "http://h:1", "instance_id": "a", "colour": "red"}, "controller.colour", "unknown option"),
+        ({"url": "http://h:1", "instance_id": "a", "listen_port": 70000}, "controller.listen_port", "port"),
+    ],
+)
 def test_config_errors_name_the_yaml_path(section, path, message):
     with pytest.raises(ConfigError) as info:
         parse_options(section)
@@ -45,7 +53,9 @@ def _keys(n: int) -> list[CacheKey]:
 
 
 def test_reports_queue_without_blocking_and_overflow_forces_a_resync():
-    agent = Agent(_Engine(), AgentOptions(url="http://127.0.0.1:1", instance_id="i", max_pending=10), token="t")
+    agent = Agent(
+        _Engine(), AgentOptions(url="http://127.0.0.1:1", instance_id="i", max_pending=10), token="t"
+    )
     assert agent.worker_id == 3
     agent.registered = True
     agent.report("admit", "cpu", _keys(4))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from kvstacks import hookimpl
 from kvstacks.plugins import pm
 from kvstacks_controller import Command, CommandError
@@ -40,8 +39,10 @@ async def test_lookup_unions_tiers_and_takes_the_shortest_rank(client):
     from kvstacks.keys import chunk_hashes
 
     tail = b"".join(chunk_hashes(hashes_tail, 4)[2:]).hex()
-    r = await client.post("/worker/admit", json={"instance_id": "tp", "worker_id": 0, "session": "s-tp-0",
-                                                 "tier": "disk", "hashes": tail})
+    r = await client.post(
+        "/worker/admit",
+        json={"instance_id": "tp", "worker_id": 0, "session": "s-tp-0", "tier": "disk", "hashes": tail},
+    )
     assert r.status_code == 200
     await admit(client, tokens, "tp", 1, "cpu", chunks=4)
     r = await client.post("/lookup", json={"tokens": tokens})
@@ -56,8 +57,9 @@ async def test_lookup_with_a_salt_and_batch_form(client):
     assert plain.json()["layout_info"] == {}
     salted = await client.post("/lookup", json={"tokens": SEED_TOKENS, "salt": "tenant-a"})
     assert salted.json()["layout_info"] == {"inst-1": ["cpu", 12]}
-    r = await client.post("/batch_lookup", json={"tokens_list": [SEED_TOKENS, SEED_TOKENS[:6], [1, 2]],
-                                                 "salt": "tenant-a"})
+    r = await client.post(
+        "/batch_lookup", json={"tokens_list": [SEED_TOKENS, SEED_TOKENS[:6], [1, 2]], "salt": "tenant-a"}
+    )
     assert r.status_code == 200
     assert r.json()["results"] == [{"inst-1": ["cpu", 12]}, {"inst-1": ["cpu", 4]}, {}]
 
@@ -71,11 +73,19 @@ async def test_silent_worker_drops_out_of_lookups_and_comes_back(client, clock):
     assert health["workers"][0]["status"] == "unhealthy"
     r = await client.post("/pin", json={"instance_id": "inst-1", "location": "cpu", "tokens": SEED_TOKENS})
     assert r.status_code == 409 and "no healthy worker" in r.json()["error"]
-    r = await client.post("/worker/heartbeat", json={"instance_id": "inst-1", "worker_id": 0,
-                                                     "session": "s-inst-1-0", "stats": {"cpu": {"pins": 2}}})
+    r = await client.post(
+        "/worker/heartbeat",
+        json={
+            "instance_id": "inst-1",
+            "worker_id": 0,
+            "session": "s-inst-1-0",
+            "stats": {"cpu": {"pins": 2}},
+        },
+    )
     assert r.status_code == 200
     assert (await client.post("/lookup", json={"tokens": SEED_TOKENS})).json()["layout_info"] == {
-        "inst-1": ["cpu", 12]}
+        "inst-1": ["cpu", 12]
+    }
     metrics = (await client.get("/metrics")).text
     assert 'kvstacks_worker_healthy{instance_id="inst-1",worker_id="0"} 1.0' in metrics
     assert "kvstacks_controller_pinned_chunks 2.0" in metrics
@@ -96,38 +106,63 @@ async def test_post_health_and_query_worker_info(client):
 
 async def test_reregistration_forgets_the_old_session(client):
     await register(client, session="one")
-    r = await client.post("/worker/admit", json={"instance_id": "inst-1", "worker_id": 0, "session": "one",
-                                                 "tier": "cpu", "hashes": bytes(16).hex()})
+    r = await client.post(
+        "/worker/admit",
+        json={
+            "instance_id": "inst-1",
+            "worker_id": 0,
+            "session": "one",
+            "tier": "cpu",
+            "hashes": bytes(16).hex(),
+        },
+    )
     assert r.json()["changed"] == 1
     await register(client, session="two")
     assert len(client.cluster.index) == 0
-    r = await client.post("/worker/heartbeat", json={"instance_id": "inst-1", "worker_id": 0, "session": "one"})
+    r = await client.post(
+        "/worker/heartbeat", json={"instance_id": "inst-1", "worker_id": 0, "session": "one"}
+    )
     assert r.status_code == 409 and r.json()["reregister"] is True
 
 
 async def test_deregister_removes_the_worker_and_its_chunks(client):
     body = await register(client)
     await admit(client, SEED_TOKENS)
-    r = await client.post("/worker/deregister", json={k: body[k] for k in ("instance_id", "worker_id", "session")})
+    r = await client.post(
+        "/worker/deregister", json={k: body[k] for k in ("instance_id", "worker_id", "session")}
+    )
     assert r.status_code == 200
     assert len(client.cluster.index) == 0
     assert (await client.get("/health")).json()["workers"] == []
 
 
-@pytest.mark.parametrize("path,body,status,reason", [
-    ("/clear", {"instance_id": "lmcache_instance_1", "location": "LocalCPUBackend"}, 404, "unknown instance_id"),
-    ("/check_finish", {"event_id": "evt_nope"}, 404, "unknown event_id"),
-    ("/pin", {"instance_id": "x", "location": "cpu"}, 400, "tokens: is required"),
-    ("/lookup", {"tokens": [1, "2"]}, 400, "tokens[1]: expected an integer"),
-    ("/lookup", {"tokens": [1, -2]}, 400, "tokens[1]: -2 is below the minimum"),
-    ("/lookup", {"tokens": [2**40]}, 400, "above the maximum"),
-    ("/lookup", {"tokens": [1], "extra": 1}, 400, "extra: unknown field"),
-    ("/lookup", [1, 2], 400, "body must be a JSON object"),
-    ("/move", {"old_position": ["a"], "new_position": ["b", "cpu"], "tokens": []}, 400, "at least 2 items"),
-    ("/query_worker_info", {"instance_id": "ghost"}, 404, "unknown instance_id"),
-    ("/health", {"instance_id": "ghost"}, 404, "unknown instance_id"),
-    ("/worker/heartbeat", {"instance_id": "a", "worker_id": 0, "session": "s"}, 409, "register again"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,reason",
+    [
+        (
+            "/clear",
+            {"instance_id": "lmcache_instance_1", "location": "LocalCPUBackend"},
+            404,
+            "unknown instance_id",
+        ),
+        ("/check_finish", {"event_id": "evt_nope"}, 404, "unknown event_id"),
+        ("/pin", {"instance_id": "x", "location": "cpu"}, 400, "tokens: is required"),
+        ("/lookup", {"tokens": [1, "2"]}, 400, "tokens[1]: expected an integer"),
+        ("/lookup", {"tokens": [1, -2]}, 400, "tokens[1]: -2 is below the minimum"),
+        ("/lookup", {"tokens": [2**40]}, 400, "above the maximum"),
+        ("/lookup", {"tokens": [1], "extra": 1}, 400, "extra: unknown field"),
+        ("/lookup", [1, 2], 400, "body must be a JSON object"),
+        (
+            "/move",
+            {"old_position": ["a"], "new_position": ["b", "cpu"], "tokens": []},
+            400,
+            "at least 2 items",
+        ),
+        ("/query_worker_info", {"instance_id": "ghost"}, 404, "unknown instance_id"),
+        ("/health", {"instance_id": "ghost"}, 404, "unknown instance_id"),
+        ("/worker/heartbeat", {"instance_id": "a", "worker_id": 0, "session": "s"}, 409, "register again"),
+    ],
+)
 async def test_bad_requests_get_4xx_with_a_reason(client, path, body, status, reason):
     r = await client.post(path, json=body)
     assert r.status_code == status, r.text
@@ -136,7 +171,9 @@ async def test_bad_requests_get_4xx_with_a_reason(client, path, body, status, re
 
 async def test_malformed_json_and_caps(make_client):
     client = await make_client(max_body_bytes=2048, max_tokens=100)
-    r = await client.post("/lookup", content=b'{"tokens": [1, 2', headers={"content-type": "application/json"})
+    r = await client.post(
+        "/lookup", content=b'{"tokens": [1, 2', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
     r = await client.post("/lookup", json={"tokens": list(range(101))})
     assert r.status_code == 400 and "limit of 100" in r.json()["error"]
@@ -149,14 +186,25 @@ async def test_malformed_json_and_caps(make_client):
 async def test_unknown_location_and_aliases(client):
     await register(client, tiers=("cpu",))
     await admit(client, SEED_TOKENS)
-    r = await client.post("/pin", json={"instance_id": "inst-1", "location": "LocalDiskBackend",
-                                        "tokens": SEED_TOKENS})
+    r = await client.post(
+        "/pin", json={"instance_id": "inst-1", "location": "LocalDiskBackend", "tokens": SEED_TOKENS}
+    )
     assert r.status_code == 404 and "its locations: cpu" in r.json()["error"]
-    r = await client.post("/worker/admit", json={"instance_id": "inst-1", "worker_id": 0, "session": "s-inst-1-0",
-                                                 "tier": "disk", "hashes": ""})
+    r = await client.post(
+        "/worker/admit",
+        json={"instance_id": "inst-1", "worker_id": 0, "session": "s-inst-1-0", "tier": "disk", "hashes": ""},
+    )
     assert r.status_code == 404 and "registered no tier 'disk'" in r.json()["error"]
-    r = await client.post("/worker/admit", json={"instance_id": "inst-1", "worker_id": 0, "session": "s-inst-1-0",
-                                                 "tier": "cpu", "hashes": "zz" * 16})
+    r = await client.post(
+        "/worker/admit",
+        json={
+            "instance_id": "inst-1",
+            "worker_id": 0,
+            "session": "s-inst-1-0",
+            "tier": "cpu",
+            "hashes": "zz" * 16,
+        },
+    )
     assert r.status_code == 400 and "hex" in r.json()["error"]
 
 
@@ -176,13 +224,21 @@ async def test_tokens_guard_admin_and_worker_routes(make_client):
     worker = {"Authorization": "Bearer wrk"}
     assert (await client.get("/health")).status_code == 200
     assert (await client.get("/metrics")).status_code == 200
-    for method, path in [("POST", "/lookup"), ("GET", "/plugins"), ("GET", "/openapi.json"), ("POST", "/health")]:
-        r = await client.request(method, path, json={"tokens": [1], "instance_id": "x"} if method == "POST" else None)
+    for method, path in [
+        ("POST", "/lookup"),
+        ("GET", "/plugins"),
+        ("GET", "/openapi.json"),
+        ("POST", "/health"),
+    ]:
+        r = await client.request(
+            method, path, json={"tokens": [1], "instance_id": "x"} if method == "POST" else None
+        )
         assert r.status_code == 401, path
         assert "KVSTACKS_ADMIN_TOKEN" in r.json()["error"]
     assert (await client.post("/lookup", json={"tokens": [1]}, headers=admin)).status_code == 200
-    assert (await client.post("/lookup", json={"tokens": [1]},
-                              headers={"Authorization": "Bearer wrong"})).status_code == 401
+    assert (
+        await client.post("/lookup", json={"tokens": [1]}, headers={"Authorization": "Bearer wrong"})
+    ).status_code == 401
     r = await client.post("/worker/register", json={}, headers=admin)  # the admin token is not a worker token
     assert r.status_code == 401 and "KVSTACKS_WORKER_TOKEN" in r.json()["error"]
     await register(client, headers=worker)
@@ -215,8 +271,11 @@ class EchoCount(Command):
 
     name = "echo_count"
     summary = "Count tokens"
-    request_schema = {"type": "object", "required": ["tokens"],
-                      "properties": {"tokens": {"$ref": "#/components/schemas/Tokens"}}}
+    request_schema = {
+        "type": "object",
+        "required": ["tokens"],
+        "properties": {"tokens": {"$ref": "#/components/schemas/Tokens"}},
+    }
 
     async def run(self, ctx, body):
         if not body["tokens"]:
@@ -250,8 +309,22 @@ async def test_a_command_from_a_plugin_gets_a_route(make_client):
 
 async def test_openapi_lists_every_builtin_route(client):
     spec = (await client.get("/openapi.json")).json()
-    for path in ["/lookup", "/batch_lookup", "/clear", "/pin", "/unpin", "/compress", "/decompress", "/move",
-                 "/health", "/check_finish", "/query_worker_info", "/metrics", "/plugins", "/openapi.json"]:
+    for path in [
+        "/lookup",
+        "/batch_lookup",
+        "/clear",
+        "/pin",
+        "/unpin",
+        "/compress",
+        "/decompress",
+        "/move",
+        "/health",
+        "/check_finish",
+        "/query_worker_info",
+        "/metrics",
+        "/plugins",
+        "/openapi.json",
+    ]:
         assert path in spec["paths"], path
     assert spec["paths"]["/health"]["get"]["security"] == []
     assert spec["paths"]["/lookup"]["post"]["security"] == [{"admin": []}]

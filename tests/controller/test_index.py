@@ -7,7 +7,6 @@ import os
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvstacks_controller.index import ChunkIndex, hashes_to_array
 
 
@@ -69,7 +68,7 @@ def test_growth_and_rebuild_keep_everything():
     hid = idx.holder("i", 0, "cpu")
     hs = digests(5000)
     for i in range(0, 5000, 333):
-        idx.admit(hid, hs[i:i + 333])
+        idx.admit(hid, hs[i : i + 333])
     assert len(idx) == 5000
     idx.evict(hid, hs[:4000])
     fresh = digests(3000)  # dead rows are reclaimed instead of growing forever
@@ -88,8 +87,14 @@ def test_all_zero_digest_is_a_key_like_any_other():
     assert hashes_to_array([zero]).any()
 
 
-ops = st.lists(st.tuples(st.sampled_from(["admit", "evict", "clear"]), st.integers(0, 4),
-                         st.lists(st.integers(0, 60), max_size=40)), max_size=40)
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "evict", "clear"]),
+        st.integers(0, 4),
+        st.lists(st.integers(0, 60), max_size=40),
+    ),
+    max_size=40,
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,16 +8,20 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvstacks_controller.openapi import components
 from kvstacks_controller.schema import TokenList, Validator, parse_body
 from kvstacks_controller.settings import Settings
 
 big_ints = st.lists(st.integers(0, 2**31 - 1), min_size=900, max_size=1500)
-values = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**12) | st.text(max_size=8)
-                      | st.sampled_from(["[1,2]", "a[", "]", "[" + "1," * 3000 + "1]"]),
-                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
-                      max_leaves=10)
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**12)
+    | st.text(max_size=8)
+    | st.sampled_from(["[1,2]", "a[", "]", "[" + "1," * 3000 + "1]"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 def _parse(raw: bytes):
@@ -28,8 +32,12 @@ def _parse(raw: bytes):
 
 
 @settings(max_examples=150, deadline=None)
-@given(tokens=big_ints, extra=st.dictionaries(st.text(max_size=6), values, max_size=3),
-       first=st.booleans(), indent=st.sampled_from([None, 1]))
+@given(
+    tokens=big_ints,
+    extra=st.dictionaries(st.text(max_size=6), values, max_size=3),
+    first=st.booleans(),
+    indent=st.sampled_from([None, 1]),
+)
 def test_fast_path_agrees_with_the_json_parser(tokens, extra, first, indent):
     body = {"tokens": tokens, **{k: v for k, v in extra.items() if k != "tokens"}}
     if not first:
@@ -51,8 +59,12 @@ def test_what_json_rejects_the_fast_path_rejects(inner):
 
 def test_brackets_inside_strings_and_nested_lists_fall_back():
     digits = ",".join(["5"] * 3000)
-    for raw in [f'{{"salt": "[{digits}]", "tokens": [1]}}', f'{{"tokens_list": [[{digits}], [1]]}}',
-                f'[{digits}]', f'{{"a": {{"b": [{digits}]}}}}']:
+    for raw in [
+        f'{{"salt": "[{digits}]", "tokens": [1]}}',
+        f'{{"tokens_list": [[{digits}], [1]]}}',
+        f"[{digits}]",
+        f'{{"a": {{"b": [{digits}]}}}}',
+    ]:
         assert parse_body(raw.encode(), orjson.loads) == json.loads(raw)
 
 

@@ -7,7 +7,6 @@ import struct
 
 import pytest
 import torch
-
 from kvstacks.builtin.transfer import TcpChannel
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
@@ -49,9 +48,9 @@ def test_round_trip_keeps_keys_and_bytes(receiver):
     sent = objs()
     answer = TcpChannel().send(address, sent, {"tier": "cpu"}, timeout=10, token="secret")
     assert answer == {"num_tokens": 12}
-    (got, meta), = received
+    ((got, meta),) = received
     assert meta == {"tier": "cpu", "count": 3}
-    for a, b in zip(sent, got):
+    for a, b in zip(sent, got, strict=True):
         assert a.key == b.key and torch.equal(a.data, b.data)
 
 
@@ -89,11 +88,15 @@ def test_garbage_and_corrupt_frames_are_refused_and_the_receiver_lives(receiver)
     bad = bytearray(good)
     bad[-20] ^= 0xFF
     meta = b'{"token": "secret", "count": 1}'
-    answer = _raw(address, b"KVTX" + bytes([1]) + struct.pack("<I", len(meta)) + meta
-                  + struct.pack("<Q", len(bad)) + bytes(bad))
+    answer = _raw(
+        address,
+        b"KVTX" + bytes([1]) + struct.pack("<I", len(meta)) + meta + struct.pack("<Q", len(bad)) + bytes(bad),
+    )
     assert b"checksum" in answer
     meta = b'{"token": "secret", "count": 1}'
-    answer = _raw(address, b"KVTX" + bytes([1]) + struct.pack("<I", len(meta)) + meta + struct.pack("<Q", 1 << 40))
+    answer = _raw(
+        address, b"KVTX" + bytes([1]) + struct.pack("<I", len(meta)) + meta + struct.pack("<Q", 1 << 40)
+    )
     assert b"above the limits" in answer
     assert received == []
     assert TcpChannel().send(address, objs(1), {}, timeout=10, token="secret") == {"num_tokens": 4}

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from kvstacks.testing import free_port, require
 
 SEED_TOKENS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
@@ -45,7 +44,8 @@ WORKER_SCRIPT = textwrap.dedent("""
         engine.store(tokens, torch.randn(2, 2, len(tokens), 8, generator=gen).to(torch.float16))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(json.dumps({"address": engine.agent.address, "transfer": engine.agent.channel_addresses}), flush=True)
+    agent = engine.agent
+    print(json.dumps({"address": agent.address, "transfer": agent.channel_addresses}), flush=True)
     while not stop.wait(0.1):
         pass
     engine.close()
@@ -64,18 +64,33 @@ class Cluster:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10,
-                                 trust_env=False)
+        self.http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10, trust_env=False
+        )
         self.controller: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
 
     def start_controller(self, wait: bool = True) -> None:
-        cmd = [sys.executable, "-c", "from kvstacks.cli import main; main()", "controller", "--host", "127.0.0.1",
-               "--port", str(self.port), "--heartbeat-timeout", str(TIMEOUT), "--worker-timeout", "5",
-               "--log-level", "warning"]
-        self.controller = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                                           stderr=open(self.tmp / "controller.log", "ab"))
+        cmd = [
+            sys.executable,
+            "-c",
+            "from kvstacks.cli import main; main()",
+            "controller",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--heartbeat-timeout",
+            str(TIMEOUT),
+            "--worker-timeout",
+            "5",
+            "--log-level",
+            "warning",
+        ]
+        self.controller = subprocess.Popen(
+            cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=open(self.tmp / "controller.log", "ab")
+        )
         if wait:
             self.wait(lambda: self.http.get("/health").status_code == 200, "controller start", timeout=60)
 
@@ -86,15 +101,27 @@ class Cluster:
 
     def start_worker(self, instance: str, prompts: list[list[int]], seed: int) -> subprocess.Popen:
         stack = {
-            "model": "test-model", "chunk_size": CHUNK,
-            "stack": [{"backend": "cpu", "capacity": "4MiB"},
-                      {"backend": "disk", "path": str(self.tmp / instance), "capacity": "16MiB"}],
-            "controller": {"url": self.url, "instance_id": instance, "heartbeat_interval": HEARTBEAT,
-                           "flush_interval": 0.01},
+            "model": "test-model",
+            "chunk_size": CHUNK,
+            "stack": [
+                {"backend": "cpu", "capacity": "4MiB"},
+                {"backend": "disk", "path": str(self.tmp / instance), "capacity": "16MiB"},
+            ],
+            "controller": {
+                "url": self.url,
+                "instance_id": instance,
+                "heartbeat_interval": HEARTBEAT,
+                "flush_interval": 0.01,
+            },
         }
         spec = json.dumps({"stack": stack, "prompts": prompts, "seed": seed})
-        proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT, spec], env=_env(), stdout=subprocess.PIPE,
-                                stderr=open(self.tmp / f"{instance}.log", "ab"), text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER_SCRIPT, spec],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / f"{instance}.log", "ab"),
+            text=True,
+        )
         self.workers[instance] = proc
         return proc
 
@@ -103,12 +130,19 @@ class Cluster:
         proc = self.workers[instance]
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"worker {instance} died: {(self.tmp / f'{instance}.log').read_text()[-3000:]}")
+            raise AssertionError(
+                f"worker {instance} died: {(self.tmp / f'{instance}.log').read_text()[-3000:]}"
+            )
         self.addresses[instance] = json.loads(line)["address"]
 
     def worker_command(self, instance: str, op: str, **args) -> dict:
-        r = httpx.post(f"http://{self.addresses[instance]}/command", json={"op": op, "args": args},
-                       headers={"Authorization": f"Bearer {WORKER}"}, timeout=10, trust_env=False)
+        r = httpx.post(
+            f"http://{self.addresses[instance]}/command",
+            json={"op": op, "args": args},
+            headers={"Authorization": f"Bearer {WORKER}"},
+            timeout=10,
+            trust_env=False,
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -171,8 +205,14 @@ def cluster(tmp_path_factory):
 
 
 def test_health_lists_both_workers(cluster):
-    health = cluster.wait(lambda: (h := httpx.get(f"{cluster.url}/health", trust_env=False).json())
-                          and h["healthy_workers"] == 2 and h, "two healthy workers")
+    health = cluster.wait(
+        lambda: (
+            (h := httpx.get(f"{cluster.url}/health", trust_env=False).json())
+            and h["healthy_workers"] == 2
+            and h
+        ),
+        "two healthy workers",
+    )
     assert health["controller_status"] == "healthy"
     assert {w["instance_id"] for w in health["workers"]} == {"lmcache_instance_1", "lmcache_instance_2"}
     assert all(w["locations"] == ["cpu", "disk"] for w in health["workers"])
@@ -198,11 +238,16 @@ def test_plugins_and_openapi(cluster):
 def test_lookup_with_the_seed_body(cluster):
     layout = cluster.wait(lambda: (lay := cluster.lookup(SEED_TOKENS)) and lay, "seed tokens indexed")
     assert layout == {"lmcache_instance_1": ["cpu", 12]}
-    layout = cluster.wait(lambda: (lay := cluster.lookup(LONG_PROMPT)) and len(lay) == 2 and lay, "both indexed")
+    layout = cluster.wait(
+        lambda: (lay := cluster.lookup(LONG_PROMPT)) and len(lay) == 2 and lay, "both indexed"
+    )
     assert layout == {"lmcache_instance_1": ["cpu", 40], "lmcache_instance_2": ["cpu", 20]}
     r = cluster.post("/batch_lookup", {"tokens_list": [SEED_TOKENS, LONG_PROMPT[:8], [5, 6]]})
-    assert r.json()["results"] == [{"lmcache_instance_1": ["cpu", 12]},
-                                   {"lmcache_instance_1": ["cpu", 8], "lmcache_instance_2": ["cpu", 8]}, {}]
+    assert r.json()["results"] == [
+        {"lmcache_instance_1": ["cpu", 12]},
+        {"lmcache_instance_1": ["cpu", 8], "lmcache_instance_2": ["cpu", 8]},
+        {},
+    ]
 
 
 def test_query_worker_info(cluster):
@@ -211,8 +256,15 @@ def test_query_worker_info(cluster):
     (info,) = r.json()["worker_infos"]
     assert info["address"] == cluster.addresses["lmcache_instance_1"]
     assert info["chunk_size"] == CHUNK and "tcp" in info["transfer"]
-    assert cluster.wait(lambda: info["stats"] or cluster.post("/query_worker_info", {
-        "instance_id": "lmcache_instance_1"}).json()["worker_infos"][0]["stats"], "stats from heartbeats")
+    assert cluster.wait(
+        lambda: (
+            info["stats"]
+            or cluster.post("/query_worker_info", {"instance_id": "lmcache_instance_1"}).json()[
+                "worker_infos"
+            ][0]["stats"]
+        ),
+        "stats from heartbeats",
+    )
 
 
 def test_pin_and_unpin_with_the_seed_body(cluster):
@@ -222,8 +274,14 @@ def test_pin_and_unpin_with_the_seed_body(cluster):
     assert r.json()["num_tokens"] == 12
     stats = cluster.worker_command("lmcache_instance_1", "stats")["stats"]
     assert stats["cpu"]["pins"] == 3
-    metrics = cluster.wait(lambda: "kvstacks_controller_pinned_chunks 3.0" in (
-        m := httpx.get(f"{cluster.url}/metrics", trust_env=False).text) and m, "pins in metrics")
+    metrics = cluster.wait(
+        lambda: (
+            "kvstacks_controller_pinned_chunks 3.0"
+            in (m := httpx.get(f"{cluster.url}/metrics", trust_env=False).text)
+            and m
+        ),
+        "pins in metrics",
+    )
     assert 'kvstacks_controller_request_duration_seconds_count{endpoint="pin"} 1.0' in metrics
     r = cluster.post("/unpin", body)
     assert r.status_code == 200 and r.json()["num_tokens"] == 12
@@ -231,8 +289,12 @@ def test_pin_and_unpin_with_the_seed_body(cluster):
 
 
 def test_compress_and_decompress(cluster):
-    body = {"instance_id": "lmcache_instance_1", "method": "lz4", "location": "LocalCPUBackend",
-            "tokens": LONG_PROMPT}
+    body = {
+        "instance_id": "lmcache_instance_1",
+        "method": "lz4",
+        "location": "LocalCPUBackend",
+        "tokens": LONG_PROMPT,
+    }
     r = cluster.post("/compress", body)
     assert r.status_code == 200, r.text
     assert r.json()["num_tokens"] == 40
@@ -244,8 +306,12 @@ def test_compress_and_decompress(cluster):
 
 
 def test_move_with_the_seed_body(cluster):
-    body = {"old_position": ["lmcache_instance_1", "LocalCPUBackend"],
-            "new_position": ["lmcache_instance_2", "LocalCPUBackend"], "tokens": SEED_TOKENS, "copy": False}
+    body = {
+        "old_position": ["lmcache_instance_1", "LocalCPUBackend"],
+        "new_position": ["lmcache_instance_2", "LocalCPUBackend"],
+        "tokens": SEED_TOKENS,
+        "copy": False,
+    }
     r = cluster.post("/move", body)
     assert r.status_code == 200, r.text
     answer = r.json()
@@ -255,14 +321,20 @@ def test_move_with_the_seed_body(cluster):
     assert status["result"]["num_tokens"] == 12
     assert cluster.tiers("lmcache_instance_2", SEED_TOKENS)["cpu"] == 12
     assert cluster.tiers("lmcache_instance_1", SEED_TOKENS)["cpu"] == 0  # removed after the confirmation
-    layout = cluster.wait(lambda: (lay := cluster.lookup(SEED_TOKENS)).get("lmcache_instance_2") and lay,
-                          "the moved chunks indexed")
+    layout = cluster.wait(
+        lambda: (lay := cluster.lookup(SEED_TOKENS)).get("lmcache_instance_2") and lay,
+        "the moved chunks indexed",
+    )
     assert layout["lmcache_instance_2"] == ["cpu", 12]
 
 
 def test_move_copy_inside_one_instance(cluster):
-    body = {"old_position": ["lmcache_instance_2", "cpu"], "new_position": ["lmcache_instance_2", "disk"],
-            "tokens": SEED_TOKENS, "copy": True}
+    body = {
+        "old_position": ["lmcache_instance_2", "cpu"],
+        "new_position": ["lmcache_instance_2", "disk"],
+        "tokens": SEED_TOKENS,
+        "copy": True,
+    }
     r = cluster.post("/move", body)
     assert r.status_code == 200, r.text
     assert cluster.finish(r.json()["event_id"])["status"] == "finished"
@@ -293,8 +365,11 @@ def test_controller_restart_rebuilds_the_view(cluster):
     cluster.stop_controller()
     cluster.start_controller()
     for prompt, layout in before.items():
-        cluster.wait(lambda: cluster.lookup(list(prompt)) == layout, f"layout of {prompt[:3]} after restart",
-                     timeout=HEARTBEAT * 4 + 10)
+        cluster.wait(
+            lambda prompt=prompt, layout=layout: cluster.lookup(list(prompt)) == layout,
+            f"layout of {prompt[:3]} after restart",
+            timeout=HEARTBEAT * 4 + 10,
+        )
     assert cluster.http.get("/health").json()["healthy_workers"] == 2
 
 
@@ -304,16 +379,26 @@ def test_sigkilled_worker_goes_unhealthy_and_a_failed_move_keeps_the_source(clus
     victim.wait(10)
     # Still "healthy" for up to the heartbeat timeout: a move to it fails, the source keeps its chunks.
     held = cluster.tiers("lmcache_instance_1", LONG_PROMPT)["cpu"]
-    r = cluster.post("/move", {"old_position": ["lmcache_instance_1", "cpu"],
-                               "new_position": ["lmcache_instance_2", "cpu"], "tokens": LONG_PROMPT, "copy": False})
+    r = cluster.post(
+        "/move",
+        {
+            "old_position": ["lmcache_instance_1", "cpu"],
+            "new_position": ["lmcache_instance_2", "cpu"],
+            "tokens": LONG_PROMPT,
+            "copy": False,
+        },
+    )
     if r.status_code == 200:
         status = cluster.finish(r.json()["event_id"])
         assert status["status"] == "failed" and status["reason"], status
     else:
         assert r.status_code == 409  # the timeout already passed
     assert cluster.tiers("lmcache_instance_1", LONG_PROMPT)["cpu"] == held == 40
-    cluster.wait(lambda: "lmcache_instance_2" not in cluster.lookup(LONG_PROMPT), "dead worker out of lookups",
-                 timeout=TIMEOUT + 5)
+    cluster.wait(
+        lambda: "lmcache_instance_2" not in cluster.lookup(LONG_PROMPT),
+        "dead worker out of lookups",
+        timeout=TIMEOUT + 5,
+    )
     health = httpx.get(f"{cluster.url}/health", trust_env=False).json()
     status = {w["instance_id"]: w["status"] for w in health["workers"]}
     assert status == {"lmcache_instance_1": "healthy", "lmcache_instance_2": "unhealthy"}
@@ -326,8 +411,10 @@ def test_sigkilled_worker_goes_unhealthy_and_a_failed_move_keeps_the_source(clus
 def test_worker_coming_back_rejoins(cluster):
     cluster.start_worker("lmcache_instance_2", [LONG_PROMPT[:20]], seed=2)
     cluster.worker_ready("lmcache_instance_2")
-    layout = cluster.wait(lambda: (lay := cluster.lookup(LONG_PROMPT)).get("lmcache_instance_2") and lay,
-                          "restarted worker indexed")
+    layout = cluster.wait(
+        lambda: (lay := cluster.lookup(LONG_PROMPT)).get("lmcache_instance_2") and lay,
+        "restarted worker indexed",
+    )
     assert layout["lmcache_instance_2"][1] == 20
 
 
@@ -336,6 +423,10 @@ def test_closing_a_worker_deregisters_it(cluster):
     proc.send_signal(signal.SIGTERM)
     assert proc.stdout.readline().strip() == "closed"
     proc.wait(10)
-    cluster.wait(lambda: all(w["instance_id"] != "lmcache_instance_1"
-                             for w in cluster.http.get("/health").json()["workers"]), "deregistration")
+    cluster.wait(
+        lambda: all(
+            w["instance_id"] != "lmcache_instance_1" for w in cluster.http.get("/health").json()["workers"]
+        ),
+        "deregistration",
+    )
     assert "lmcache_instance_1" not in cluster.lookup(SEED_TOKENS)

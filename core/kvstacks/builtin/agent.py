@@ -28,7 +28,9 @@ def kvstacks_startup(engine: Any) -> None:
         # The engine is half built: close it so its threads do not outlive the error.
         engine.close()
         if isinstance(exc, OSError):
-            raise ConfigError("controller.listen_port", f"cannot listen for controller commands: {exc}") from None
+            raise ConfigError(
+                "controller.listen_port", f"cannot listen for controller commands: {exc}"
+            ) from None
         raise
     _agents[engine] = agent
     engine.agent = agent

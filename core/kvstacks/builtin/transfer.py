@@ -89,8 +89,9 @@ class TcpChannel(TransferChannel):
             allow_reuse_address = True
 
         self._server = Server((host, port), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="kvstacks-tcp-transfer",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="kvstacks-tcp-transfer", daemon=True
+        )
         self._thread.start()
         bound_host, bound_port = self._server.server_address[:2]
         return f"{bound_host}:{bound_port}"
@@ -119,7 +120,9 @@ class TcpChannel(TransferChannel):
                 (size,) = _LEN64.unpack(_read_exact(sock, _LEN64.size))
                 total += size
                 if size > opts.max_frame_bytes or total > opts.max_transfer_bytes:
-                    raise TransferError(f"transfer above the limits (frame {size} bytes, total {total} bytes)")
+                    raise TransferError(
+                        f"transfer above the limits (frame {size} bytes, total {total} bytes)"
+                    )
                 objs.append(frame.decode(_read_exact(sock, size)))
             answer = {"ok": True, **receive(objs, meta)}
         except (CorruptChunk, TransferError, ValueError) as exc:
@@ -138,8 +141,14 @@ class TcpChannel(TransferChannel):
 
     # ---------------------------------------------------------------- sending
 
-    def send(self, address: str, objs: list[MemoryObj], meta: dict[str, Any], timeout: float = 60.0,
-             token: str | None = None) -> dict[str, Any]:
+    def send(
+        self,
+        address: str,
+        objs: list[MemoryObj],
+        meta: dict[str, Any],
+        timeout: float = 60.0,
+        token: str | None = None,
+    ) -> dict[str, Any]:
         host, port = _split_address(address)
         head = dict(meta, count=len(objs))
         if token:
