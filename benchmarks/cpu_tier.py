@@ -20,7 +20,6 @@ import time
 import torch
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
-
 from kvstacks_cpu import CpuBackend
 
 MiB = 1 << 20
@@ -73,7 +72,7 @@ def big_chunks(repeats: int) -> list[tuple[str, float, float]]:
     assert torch.equal(out, chunks[-1])
     stats = backend.pool.stats()
     print(f"  pool after run: allocations={stats.allocations} reuses={stats.reuses} reserved={stats.reserved_bytes // MiB} MiB")
-    gbps = lambda t: nchunks * nbytes / t / 1e9  # noqa: E731
+    gbps = lambda t: nchunks * nbytes / t / 1e9
     return [("32 MiB chunk store+retrieve", gbps(base), gbps(ours))]
 
 

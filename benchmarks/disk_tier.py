@@ -34,7 +34,6 @@ import torch
 from kvstacks.frame import encode_parts
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
-
 from kvstacks_disk import DiskBackend, chunk_path
 
 MiB = 1 << 20

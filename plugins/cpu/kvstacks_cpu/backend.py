@@ -33,7 +33,7 @@ class PooledObj(MemoryObj):
 
 
 class _Slot:
-    __slots__ = ("obj", "buffer", "nbytes", "leases")
+    __slots__ = ("buffer", "leases", "nbytes", "obj")
 
     def __init__(self, obj: PooledObj, buffer: PoolBuffer, nbytes: int) -> None:
         self.obj: PooledObj | weakref.ref = obj
@@ -55,7 +55,7 @@ class CpuBackend(InProcessBackend):
         #: Page-locked buffers for fast GPU copies; null: pinned exactly when CUDA is available.
         pin_memory: bool | None = None
 
-    def __init__(self, options: "CpuBackend.Options | None" = None) -> None:
+    def __init__(self, options: CpuBackend.Options | None = None) -> None:
         super().__init__(options)
         pin = self.options.pin_memory
         cuda = torch.cuda.is_available()

@@ -31,7 +31,7 @@ class PoolBuffer:
     per store (a ``view`` costs microseconds, a real share of a 1 KiB store).
     """
 
-    __slots__ = ("data", "_dtype", "_shape", "_view")
+    __slots__ = ("_dtype", "_shape", "_view", "data")
 
     def __init__(self, data: torch.Tensor) -> None:
         self.data = data

@@ -27,9 +27,9 @@ import secrets
 import threading
 import time
 import weakref
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterable
 
 import torch
 from kvstacks.backend import Backend
@@ -78,7 +78,7 @@ class DiskBackend(Backend):
         #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes
         buffer_pool: Size = Size(512 << 20)
 
-    def __init__(self, options: "DiskBackend.Options") -> None:
+    def __init__(self, options: DiskBackend.Options) -> None:
         super().__init__(options)
         self.root = os.fspath(self.options.path)
         self.shared = self.options.shared

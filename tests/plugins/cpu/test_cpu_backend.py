@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvstacks.config import build_options
 from kvstacks.errors import ConfigError
 from kvstacks.memory import MemoryObj

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kvstacks import CacheEngine
 from kvstacks.testing import bits, random_kv
 

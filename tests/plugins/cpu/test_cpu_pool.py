@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from kvstacks_cpu.pool import PAGE, BufferPool, size_class
 
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest_asyncio
-
 from kvstacks_disk import DiskBackend
 
 

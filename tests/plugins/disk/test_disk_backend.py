@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-
 from kvstacks import frame
 from kvstacks.config import build_options
 from kvstacks.errors import ConfigError
@@ -17,7 +16,8 @@ from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 from kvstacks.plugins import registry
 from kvstacks.testing import BackendConformance, assert_same_obj, random_key, random_kv, raw_obj
-from kvstacks_disk import DiskBackend, backend as disk_module, chunk_path
+from kvstacks_disk import DiskBackend, chunk_path
+from kvstacks_disk import backend as disk_module
 
 
 class TestDiskConformance(BackendConformance):

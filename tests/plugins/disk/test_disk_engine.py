@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from kvstacks import CacheEngine
 from kvstacks.testing import bits, random_kv
 from kvstacks_disk import chunk_path
