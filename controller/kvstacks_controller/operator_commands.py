@@ -328,8 +328,9 @@ class Health(Command):
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         if "instance_id" not in body:
+            # GET needs no token: say who is alive, not where workers listen.
             workers = [
-                ctx.registry.describe(w)
+                ctx.registry.describe(w, brief=True)
                 for w in sorted(ctx.registry.workers.values(), key=lambda w: (w.instance_id, w.worker_id))
             ]
             return {

@@ -38,14 +38,21 @@ class Worker:
         alias = LOCATION_ALIASES.get(location)
         return alias if alias in self.tiers else None
 
-    def describe(self, now: float, timeout: float) -> dict[str, Any]:
+    def describe(self, now: float, timeout: float, brief: bool = False) -> dict[str, Any]:
+        """The worker as the API shows it; ``brief`` for unauthenticated GET /health (no addresses)."""
         host, _, port = self.address.rpartition(":")
-        return {
+        out = {
             "instance_id": self.instance_id,
             "worker_id": self.worker_id,
             "status": "healthy" if self.healthy(now, timeout) else "unhealthy",
             "last_heartbeat": _iso(self.last_heartbeat_wall),
             "seconds_since_heartbeat": round(now - self.last_heartbeat, 3),
+            "locations": list(self.tiers),
+        }
+        if brief:
+            return out
+        return {
+            **out,
             "registered_at": _iso(self.registered_at),
             "ip": host,
             "port": int(port) if port.isdigit() else 0,
@@ -54,7 +61,6 @@ class Worker:
             "version": self.version,
             "model": self.model,
             "chunk_size": self.chunk_size,
-            "locations": list(self.tiers),
             "transfer": dict(self.transfer),
             "stats": self.stats,
         }
@@ -112,5 +118,5 @@ class WorkerRegistry:
         now = self.clock()
         return [w for w in self.workers.values() if w.healthy(now, self.heartbeat_timeout)]
 
-    def describe(self, worker: Worker) -> dict[str, Any]:
-        return worker.describe(self.clock(), self.heartbeat_timeout)
+    def describe(self, worker: Worker, brief: bool = False) -> dict[str, Any]:
+        return worker.describe(self.clock(), self.heartbeat_timeout, brief)

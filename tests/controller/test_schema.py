@@ -31,7 +31,7 @@ def _parse(raw: bytes):
         return ("error", None)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     tokens=big_ints,
     extra=st.dictionaries(st.text(max_size=6), values, max_size=3),

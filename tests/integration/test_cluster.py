@@ -216,6 +216,7 @@ def test_health_lists_both_workers(cluster):
     assert health["controller_status"] == "healthy"
     assert {w["instance_id"] for w in health["workers"]} == {"lmcache_instance_1", "lmcache_instance_2"}
     assert all(w["locations"] == ["cpu", "disk"] for w in health["workers"])
+    assert all("address" not in w for w in health["workers"])  # no token, no addresses
     r = cluster.post("/health", {"instance_id": "lmcache_instance_1"})
     assert r.status_code == 200 and r.json()["error_codes"] == {"0": 0}
 
