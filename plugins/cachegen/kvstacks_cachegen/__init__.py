@@ -1,0 +1,27 @@
+"""kvstacks-cachegen: CacheGen-style lossy KV compression on CPU, and a lossless byte-split zstd.
+
+Registers the compressors ``cachegen`` (lossy) and ``cachegen-lossless``, and
+the ``kvstacks cachegen fit`` command that fits symbol tables for a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstacks import hookimpl
+
+
+@hookimpl
+def register_compressors(register) -> None:
+    from kvstacks_cachegen.compressor import CacheGenCompressor
+    from kvstacks_cachegen.lossless import ByteSplitZstdCompressor
+
+    register(CacheGenCompressor)
+    register(ByteSplitZstdCompressor)
+
+
+@hookimpl
+def register_cli_commands(cli: Any) -> None:
+    from kvstacks_cachegen.cli import cachegen
+
+    cli.add_command(cachegen)

@@ -1,0 +1,415 @@
+"""The ``cachegen`` compressor: per-channel quantization plus ANS entropy coding.
+
+Payload layout (little-endian), version 1::
+
+    header   "KVCG" u8 version, u8 mode (0 coded, 1 raw), u8 dtype, u8 flags (1 tables, 2 delta),
+             u32 layers, u32 tokens, u32 hidden, 8s table id, u32 sink tokens,
+             u32 anchor_every, f32 clip
+    mode 1:  the KV bytes as given (non-finite or huge inputs)
+    mode 0:  u16 bins per layer
+             sink tokens, exact: [2, layers, sinks, hidden] in the input dtype
+             per part (anchors then residuals with delta coding, else one body part):
+               fp16 mean [2, L, H], fp16 std [2, L, H], u32 escapes, escaped values (input dtype)
+             per part coded with per-chunk tables: u8 counts for each (K/V, layer) stream
+             u32 words of every stream, then the streams' words
+
+Everything the decoder needs is in the payload and the (payload, shape, dtype)
+it is given, except a fitted table file, whose id the header names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from kvstacks.compression import Compressor
+from kvstacks.errors import ConfigError, CorruptChunk
+from kvstacks_cachegen import coder_pool
+from kvstacks_cachegen.coder_worker import DECODE, ENCODE
+from kvstacks_cachegen.payload import Reader, Writer
+from kvstacks_cachegen.quantize import STAT_LIMIT, dequantize, quantize
+from kvstacks_cachegen.streams import (Stream, StreamError, class_counts, decode_stream, encode_stream,
+                                       model_from_counts)
+from kvstacks_cachegen.tables import Tables, load_tables
+
+log = logging.getLogger("kvstacks.cachegen")
+
+MAGIC = b"KVCG"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBIII8sIIf")
+MODE_CODED, MODE_RAW = 0, 1
+FLAG_TABLES, FLAG_DELTA = 1, 2
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+ITEMSIZE = {1: 2, 2: 2, 3: 4}
+RAW_NUMPY = {1: "<u2", 2: "<u2", 3: "<u4"}
+
+#: bins per layer group (layers split evenly, first group first): earlier
+#: layers get more, as in CacheGen. Measured size and quality in docs/cachegen.md.
+LEVELS: dict[str, list[int]] = {
+    "high": [64, 48, 48],
+    "default": [40, 32, 32],
+    "low": [24, 20, 20],
+}
+
+#: the largest chunk coded (and so the most a hostile header can make a decoder allocate)
+MAX_VALUES = 1 << 28
+
+#: parallel coding pays off above this many symbols in a call
+PARALLEL_MIN_SYMBOLS = 1 << 17
+
+
+def layer_bins(groups: list[int], layers: int) -> list[int]:
+    return [groups[min(layer * len(groups) // layers, len(groups) - 1)] for layer in range(layers)]
+
+
+def raw_to_float(raw: np.ndarray, code: int) -> np.ndarray:
+    """Exact float32 of values stored as raw input-dtype bits."""
+    if code == 1:
+        return raw.view("<f2").astype(np.float32)
+    if code == 2:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.view("<f4").astype(np.float32)
+
+
+class CacheGenCompressor(Compressor):
+    """Lossy: quantize each channel to a few bins, keep sinks and outliers exact, ANS-code the rest."""
+
+    name: ClassVar[str] = "cachegen"
+    lossless: ClassVar[bool] = False
+
+    @dataclass
+    class Options:
+        #: a preset of bins per layer group: high, default or low
+        level: Literal["high", "default", "low"] = "default"
+        #: bins per layer group (even, 4..256), overriding ``level``, e.g. [32, 16, 16]
+        bins: list[int] | None = None
+        #: the bins span +-clip standard deviations of a channel; values past it are stored exactly
+        clip: float = 4.0
+        #: leading tokens of a sequence kept exact (attention sinks)
+        sink_tokens: int = 16
+        #: detect: a chunk whose first token looks like a sink (small V norm) starts a sequence;
+        #: always: keep sink_tokens exact in every chunk; never: no exact tokens
+        sinks: Literal["detect", "always", "never"] = "detect"
+        #: delta-code tokens against every Nth (anchor) token; 0 turns it off
+        anchor_every: int = 0
+        #: a table file from `kvstacks cachegen fit`; without it each chunk carries small tables
+        tables: Path | None = None
+        #: coder processes (constriction holds the GIL); default: one less than the CPUs, at most 4
+        workers: int | None = None
+
+    def __init__(self, options: "CacheGenCompressor.Options | None" = None) -> None:
+        super().__init__(options)
+        o = self.options
+        groups = o.bins if o.bins is not None else LEVELS[o.level]
+        where = "compressor_options"
+        if not groups or any(isinstance(b, bool) or not isinstance(b, int) or b % 2 or not 4 <= b <= 256
+                             for b in groups):
+            raise ConfigError(f"{where}.bins", f"must be a non-empty list of even bin counts in 4..256, got {groups!r}")
+        if not (isinstance(o.clip, (int, float)) and math.isfinite(o.clip) and 0 < o.clip <= 64):
+            raise ConfigError(f"{where}.clip", f"must be a number of standard deviations in (0, 64], got {o.clip!r}")
+        if not 0 <= o.sink_tokens <= 1 << 16:
+            raise ConfigError(f"{where}.sink_tokens", f"must be between 0 and 65536, got {o.sink_tokens}")
+        if o.anchor_every == 1 or not 0 <= o.anchor_every <= 1 << 16:
+            raise ConfigError(f"{where}.anchor_every", f"must be 0 (off) or at least 2, got {o.anchor_every}")
+        if o.workers is not None and not 0 <= o.workers <= 64:
+            raise ConfigError(f"{where}.workers", f"must be between 0 and 64, got {o.workers}")
+        self.groups = list(groups)
+        self.clip = float(np.float32(o.clip))
+        self.tables: Tables | None = load_tables(o.tables) if o.tables is not None else None
+        if self.tables is not None:
+            t = self.tables
+            if (o.bins is not None and layer_bins(self.groups, t.layers) != t.bins) or t.clip != self.clip \
+                    or t.anchor_every != o.anchor_every:
+                raise ConfigError(f"{where}.tables", f"{o.tables} was fitted for bins {t.bins}, clip {t.clip}, "
+                                  f"anchor_every {t.anchor_every}; use those options or fit tables for these")
+        workers = coder_pool.default_workers() if o.workers is None else o.workers
+        self.pool = coder_pool.shared_pool(workers)
+        self._warned_tables = False
+
+    # ---- planning, shared by encoder, decoder and `fit` ----
+
+    def bins_for(self, layers: int) -> list[int]:
+        if self.tables is not None and self.tables.layers == layers and self.options.bins is None:
+            return list(self.tables.bins)
+        return layer_bins(self.groups, layers)
+
+    def sink_count(self, x: np.ndarray) -> int:
+        o = self.options
+        tokens = x.shape[2]
+        if o.sinks == "never" or o.sink_tokens == 0 or tokens == 0:
+            return 0
+        if o.sinks == "always":
+            return min(o.sink_tokens, tokens)
+        if tokens < 2:
+            return 0
+        # An attention-sink token carries a far smaller V than ordinary tokens
+        # (measured on SmolLM2: about 0.27x the median), so a chunk whose first
+        # token looks like that is the start of a sequence.
+        v = x[1, :, :min(tokens, 65)]
+        norms = np.sqrt((v.astype(np.float32) ** 2).sum(axis=-1)).mean(axis=0)
+        ref = float(np.median(norms[1:]))
+        return min(o.sink_tokens, tokens) if ref > 0 and norms[0] < 0.5 * ref else 0
+
+    @staticmethod
+    def parts(body_tokens: int, anchor_every: int) -> list[np.ndarray]:
+        """Token indices (into the body) of each coded part: anchors then the rest, or all."""
+        if anchor_every < 2 or body_tokens == 0:
+            return [np.arange(body_tokens)]
+        anchors = np.arange(0, body_tokens, anchor_every)
+        rest = np.setdiff1d(np.arange(body_tokens), anchors)
+        return [anchors, rest]
+
+    def uses_tables(self, layers: int, hidden: int, bins: list[int]) -> bool:
+        t = self.tables
+        if t is None:
+            return False
+        if t.matches(layers, hidden, bins, self.clip, self.options.anchor_every):
+            return True
+        if not self._warned_tables:
+            self._warned_tables = True
+            log.warning("cachegen tables were fitted for %d layers x %d hidden, not %d x %d; "
+                        "coding with per-chunk tables", t.layers, t.hidden, layers, hidden)
+        return False
+
+    def quantized_parts(self, x: np.ndarray, bins: list[int], n_sink: int):
+        """Yield ``(last, token index or None, bins, Quantized)`` for each non-empty coded part.
+
+        With delta coding, anchors come first (at twice the bins) and the rest
+        are quantized as differences from their anchor as the decoder will see it.
+        """
+        anchor_every = self.options.anchor_every
+        body = x[:, :, n_sink:]
+        parts = self.parts(body.shape[2], anchor_every)
+        anchors_hat = None
+        for p, index in enumerate(parts):
+            if index.size == 0:
+                continue
+            last = p == len(parts) - 1
+            part_bins = bins if last else [min(2 * b, 256) for b in bins]
+            if len(parts) == 1:
+                q = quantize(body, part_bins, self.clip)
+                yield last, None, part_bins, q
+                continue
+            block = body[:, :, index]
+            if anchors_hat is not None:
+                block = block - anchors_hat[:, :, index // anchor_every]
+            q = quantize(block, part_bins, self.clip)
+            if p == 0:
+                anchors_hat, _ = dequantize(q.symbols, q.mean, q.std, part_bins, self.clip)
+                anchors_hat[q.escapes] = block[q.escapes]
+            yield last, index, part_bins, q
+
+    # ---- encode ----
+
+    def compress(self, kv: torch.Tensor) -> bytearray:
+        code = DTYPE_CODES.get(kv.dtype)
+        if kv.dim() != 4 or kv.shape[0] != 2 or code is None:
+            raise ValueError(f"cachegen codes KV [2, layers, tokens, hidden] in fp16/bf16/fp32, got "
+                             f"{tuple(kv.shape)} {kv.dtype}")
+        if kv.numel() > MAX_VALUES:
+            raise ValueError(f"cachegen codes chunks of at most {MAX_VALUES} values, got {kv.numel()}; use smaller chunks")
+        kv = kv.detach().contiguous().cpu()
+        _, layers, tokens, hidden = kv.shape
+        raw = kv.view(torch.int16 if code != 3 else torch.int32).numpy()
+        x = kv.numpy() if code == 3 else kv.float().numpy()
+        out = Writer()
+        finite = bool(np.isfinite(x).all()) and (x.size == 0 or float(np.abs(x).max()) < STAT_LIMIT)
+        if not finite or x.size == 0:
+            out.pack(HEADER.format, MAGIC, VERSION, MODE_RAW, code, 0, layers, tokens, hidden, bytes(8), 0, 0, 0.0)
+            out.add(raw)
+            return out.getvalue()
+        bins = self.bins_for(layers)
+        n_sink = self.sink_count(x)
+        anchor_every = self.options.anchor_every
+        tabled = self.uses_tables(layers, hidden, bins)
+        flags = (FLAG_TABLES if tabled else 0) | (FLAG_DELTA if anchor_every >= 2 else 0)
+        table_id = self.tables.table_id if tabled else bytes(8)
+        out.pack(HEADER.format, MAGIC, VERSION, MODE_CODED, code, flags, layers, tokens, hidden, table_id,
+                 n_sink, anchor_every, self.clip)
+        out.add(np.asarray(bins, dtype="<u2"))
+        out.add(np.ascontiguousarray(raw[:, :, :n_sink]))
+        body_raw = raw[:, :, n_sink:]
+        streams: list[Stream] = []
+        counts_sections = []
+        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink):
+            out.add(q.mean)
+            out.add(q.std)
+            part_raw = body_raw if index is None else body_raw[:, :, index]
+            escaped = part_raw[q.escapes]
+            out.pack("<I", escaped.size)
+            out.add(escaped)
+            if last and tabled:
+                streams.extend(self._table_streams(q.symbols))
+            else:
+                part_streams = self._layer_streams(q.symbols, part_bins)
+                counts_sections.append(np.concatenate([s.counts for s in part_streams]))
+                streams.extend(part_streams)
+        for counts in counts_sections:
+            out.add(counts)
+        self._code(ENCODE, streams)
+        out.add(np.asarray([len(s.words) for s in streams], dtype="<u4"))
+        for s in streams:
+            out.add(s.words)
+        return out.getvalue()
+
+    def _layer_streams(self, symbols: np.ndarray, bins: list[int]) -> list[Stream]:
+        streams = []
+        for k in range(2):
+            for layer, b in enumerate(bins):
+                sym = symbols[k, layer].reshape(-1)
+                streams.append(Stream(class_counts(sym, b), sym, size=sym.size))
+        return streams
+
+    def _table_streams(self, symbols: np.ndarray) -> list[Stream]:
+        t = self.tables
+        rows = np.ascontiguousarray(symbols.transpose(0, 1, 3, 2)).reshape(-1, symbols.shape[2])
+        return [Stream(t.classes[c], rows[r].reshape(-1), size=r.size * rows.shape[1])
+                for c, r in enumerate(t.class_rows)]
+
+    def _code(self, op: int, streams: list[Stream]) -> None:
+        models: dict[int, object] = {}
+        table_models = {id(c): m for c, m in zip(self.tables.classes, self.tables.models)} if self.tables else {}
+
+        def here(s: Stream) -> None:
+            model = table_models.get(id(s.counts)) or models.setdefault(id(s.counts), model_from_counts(s.counts))
+            if op == ENCODE:
+                s.words = encode_stream(s.symbols, s.counts, model)
+            else:
+                s.symbols = decode_stream(s.words, s.size, s.counts, model)
+
+        total = sum(s.size for s in streams)
+        workers = self.pool.borrow(self.pool.size) if self.pool and total >= PARALLEL_MIN_SYMBOLS else []
+        if not workers:
+            for s in streams:
+                here(s)
+            return
+        failed: set[int] = set()
+        try:
+            failed = coder_pool.run_split(op, streams, workers, here)
+        finally:
+            for w in workers:
+                self.pool.give_back(w, healthy=id(w) not in failed)
+        if failed:
+            if op == DECODE:
+                # A worker died on these bytes; decoding them here could take this process down too.
+                raise CorruptChunk("cachegen coder worker died while decoding this chunk")
+            for s in streams:
+                if s.words is None:
+                    here(s)
+
+    # ---- decode ----
+
+    def decompress(self, payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        code = DTYPE_CODES.get(dtype)
+        if code is None or len(shape) != 4 or shape[0] != 2:
+            raise CorruptChunk(f"cachegen cannot produce {tuple(shape)} {dtype}")
+        r = Reader(payload)
+        magic, version, mode, pcode, flags, layers, tokens, hidden, table_id, n_sink, anchor_every, clip = \
+            r.unpack(HEADER.format, "header")
+        if magic != MAGIC:
+            raise CorruptChunk("not a cachegen payload (bad magic)")
+        if version != VERSION:
+            raise CorruptChunk(f"cachegen payload version {version}; this kvstacks-cachegen reads {VERSION}")
+        if (2, layers, tokens, hidden) != tuple(shape) or pcode != code:
+            raise CorruptChunk(f"cachegen payload is for {(2, layers, tokens, hidden)} dtype code {pcode}, "
+                               f"not {tuple(shape)} {dtype}")
+        count = 2 * layers * tokens * hidden
+        if count > MAX_VALUES:
+            raise CorruptChunk(f"cachegen chunk of {count} values exceeds the {MAX_VALUES} it can code")
+        if mode == MODE_RAW:
+            data = r.array(RAW_NUMPY[code], count, "raw KV")
+            r.done()
+            return torch.from_numpy(data.copy()).view(dtype).reshape(shape)
+        if mode != MODE_CODED or flags & ~(FLAG_TABLES | FLAG_DELTA):
+            raise CorruptChunk(f"cachegen payload has unknown mode {mode} or flags {flags}")
+        if not (math.isfinite(clip) and 0 < clip <= 64) or n_sink > tokens or anchor_every == 1:
+            raise CorruptChunk("cachegen payload header is inconsistent (clip, sinks or anchors)")
+        if bool(flags & FLAG_DELTA) != (anchor_every >= 2):
+            raise CorruptChunk("cachegen payload header is inconsistent (delta flag)")
+        tabled = bool(flags & FLAG_TABLES)
+        if tabled:
+            if self.tables is None or self.tables.table_id != bytes(table_id):
+                have = self.tables.table_id.hex() if self.tables else "none"
+                raise CorruptChunk(f"chunk was coded with cachegen tables {bytes(table_id).hex()}, this compressor "
+                                   f"has {have}; configure compressor_options.tables with that file")
+        bins = r.array("<u2", layers, "bins").astype(int).tolist()
+        if any(b % 2 or not 4 <= b <= 256 for b in bins):
+            raise CorruptChunk("cachegen payload has invalid bins")
+        if tabled and not self.tables.matches(layers, hidden, bins, clip, anchor_every):
+            raise CorruptChunk("cachegen payload does not match its tables' shape or bins")
+        out = np.empty((2, layers, tokens, hidden), dtype=np.float32)
+        sink_raw = r.array(RAW_NUMPY[code], 2 * layers * n_sink * hidden, "sink tokens")
+        out[:, :, :n_sink] = raw_to_float(sink_raw, code).reshape(2, layers, n_sink, hidden)
+        all_parts = self.parts(tokens - n_sink, anchor_every)
+        metas = []
+        for p, index in enumerate(all_parts):
+            if index.size == 0:
+                continue
+            n = index.size
+            mean = r.array("<f2", 2 * layers * hidden, "means").reshape(2, layers, hidden)
+            std = r.array("<f2", 2 * layers * hidden, "stds").reshape(2, layers, hidden)
+            (n_esc,) = r.unpack("<I", "escape count")
+            if n_esc > 2 * layers * n * hidden:
+                raise CorruptChunk("cachegen payload claims more escapes than values")
+            esc = raw_to_float(r.array(RAW_NUMPY[code], n_esc, "escaped values"), code)
+            part_bins = bins if p == len(all_parts) - 1 else [min(2 * b, 256) for b in bins]
+            metas.append((p == len(all_parts) - 1, index, n, mean, std, esc, part_bins))
+        streams_by_part = []
+        for last, index, n, mean, std, esc, part_bins in metas:
+            if last and tabled:
+                t = self.tables
+                streams_by_part.append([Stream(t.classes[c], size=rows.size * n) for c, rows in enumerate(t.class_rows)])
+            else:
+                part = []
+                for k in range(2):
+                    for layer, b in enumerate(part_bins):
+                        part.append(Stream(None, size=n * hidden))
+                streams_by_part.append(part)
+        for (last, _, _, _, _, _, part_bins), part in zip(metas, streams_by_part):
+            if last and tabled:
+                continue
+            for i, s in enumerate(part):
+                b = part_bins[i % layers]
+                s.counts = r.array(np.uint8, b, "stream tables")
+        streams = [s for part in streams_by_part for s in part]
+        words = r.array("<u4", len(streams), "stream sizes")
+        if int(words.astype(np.int64).sum()) * 4 != r.remaining():
+            raise CorruptChunk("cachegen stream sizes do not match the payload length")
+        for s, w in zip(streams, words.tolist()):
+            s.words = r.array("<u4", w, "stream").copy()
+        r.done()
+        try:
+            self._code(DECODE, streams)
+        except StreamError as exc:
+            raise CorruptChunk(f"cachegen stream is corrupt: {exc}") from None
+        anchors_hat = None
+        for (last, index, n, mean, std, esc, part_bins), part in zip(metas, streams_by_part):
+            if last and tabled:
+                rows = np.empty((2 * layers * hidden, n), dtype=np.uint8)
+                for s, r_idx in zip(part, self.tables.class_rows):
+                    rows[r_idx] = s.symbols.reshape(r_idx.size, n)
+                symbols = np.ascontiguousarray(rows.reshape(2, layers, hidden, n).transpose(0, 1, 3, 2))
+            else:
+                symbols = np.concatenate([s.symbols for s in part]).reshape(2, layers, n, hidden)
+            values, escapes = dequantize(symbols, mean, std, part_bins, clip)
+            if int(np.count_nonzero(escapes)) != esc.size:
+                raise CorruptChunk("cachegen escape count does not match the coded symbols")
+            if anchors_hat is not None:
+                values += anchors_hat[:, :, index // anchor_every]
+            values[escapes] = esc
+            if len(all_parts) == 2 and index is all_parts[0]:
+                anchors_hat = values
+            if len(all_parts) == 1:
+                out[:, :, n_sink:] = values
+            else:
+                out[:, :, n_sink + index] = values
+        if dtype == torch.float16:
+            return torch.from_numpy(out.astype(np.float16))
+        return torch.from_numpy(out).to(dtype)
