@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 
+import numpy as np
 import torch
 import xxhash
 from kvstacks.frame import encode_parts, header
@@ -85,11 +86,18 @@ def encode_into(obj: MemoryObj, buffer: torch.Tensor) -> int:
     view = memoryview(buffer.numpy())
     view[:start] = head
     if payload:
-        src = obj.data
+        src = obj.data.detach()
         if src.stride(-1) != 1:
             src = src.contiguous()
         as_bytes = src if src.dtype == torch.uint8 else src.view(torch.uint8)
-        buffer[start:end].view(as_bytes.shape).copy_(as_bytes)
+        dst = buffer[start:end].view(as_bytes.shape)
+        if as_bytes.device.type == "cpu":
+            # numpy's copy is one thread and releases the GIL; torch's spreads over
+            # OpenMP threads that wait on each other when the cores are busy
+            # (measured here: 4-20 ms against 15-28 ms for 32 MiB).
+            np.copyto(dst.numpy(), as_bytes.numpy())
+        else:
+            dst.copy_(as_bytes)
     struct.pack_into("<Q", view, end, xxhash.xxh3_64(view[:end]).intdigest())
     return end + 8
 
