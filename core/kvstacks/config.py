@@ -27,7 +27,7 @@ KNOWN_DISTRIBUTIONS = {
     "cachegen-lossless": "kvstacks-cachegen",
 }
 
-TIER_KEYS = ("backend", "name", "capacity", "eviction", "compressor", "compressor_options", "lossless")
+TIER_KEYS = ("backend", "name", "capacity", "eviction", "eviction_options", "compressor", "compressor_options", "lossless")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TierConfig:
     name: str
     capacity: int | None
     eviction: str
+    eviction_options: Any
     compressor: str
     compressor_options: Any
     lossless: bool
@@ -155,7 +156,12 @@ def build_options(options_cls: type, values: Mapping[str, Any] | None, path: str
             kwargs[name] = convert(values[name], hints[name], where)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(where, "is required")
-    return options_cls(**kwargs)
+    try:
+        return options_cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # an Options.__post_init__ that refused a value
+        raise ConfigError(path, str(exc)) from None
 
 
 def describe_options(options_cls: type) -> list[dict[str, str]]:
@@ -214,20 +220,32 @@ def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
         eviction = raw.get("eviction", "lru")
         if ("eviction_policies", eviction) not in reg:
             raise ConfigError(f"{path}.eviction", _install_hint("eviction policies", eviction, reg.names("eviction_policies")))
-        compressor = raw.get("compressor", "none")
-        if ("compressors", compressor) not in reg:
-            raise ConfigError(f"{path}.compressor", _install_hint("compressors", compressor, reg.names("compressors")))
-        lossless = convert(raw.get("lossless", False), bool, f"{path}.lossless")
-        compressor_cls = reg.get("compressors", compressor)
-        if lossless and not getattr(compressor_cls, "lossless", True):
-            raise ConfigError(f"{path}.compressor", f"{compressor!r} is lossy but this tier is lossless: true; pick a lossless compressor or drop lossless")
-        compressor_options = build_options(compressor_cls.Options, raw.get("compressor_options"), f"{path}.compressor_options")
-        backend_cls = reg.get("backends", backend)
-        rest = {k: v for k, v in raw.items() if k not in TIER_KEYS}
-        backend_options = build_options(backend_cls.Options, rest, path)
-        cfg.stack.append(TierConfig(backend, name, capacity, eviction, compressor, compressor_options,
+        try:
+            eviction_options = build_options(reg.get("eviction_policies", eviction).Options, raw.get("eviction_options"),
+                                             f"{path}.eviction_options")
+            compressor = raw.get("compressor", "none")
+            if ("compressors", compressor) not in reg:
+                raise ConfigError(f"{path}.compressor", _install_hint("compressors", compressor, reg.names("compressors")))
+            lossless = convert(raw.get("lossless", False), bool, f"{path}.lossless")
+            compressor_cls = reg.get("compressors", compressor)
+            if lossless and not getattr(compressor_cls, "lossless", True):
+                raise ConfigError(f"{path}.compressor", f"{compressor!r} is lossy but this tier is lossless: true; pick a lossless compressor or drop lossless")
+            compressor_options = build_options(compressor_cls.Options, raw.get("compressor_options"), f"{path}.compressor_options")
+            backend_cls = reg.get("backends", backend)
+            rest = {k: v for k, v in raw.items() if k not in TIER_KEYS}
+            backend_options = build_options(backend_cls.Options, rest, path)
+        except ConfigError as exc:
+            raise in_tier(path, exc) from None
+        cfg.stack.append(TierConfig(backend, name, capacity, eviction, eviction_options, compressor, compressor_options,
                                     lossless, backend_options, path))
     return cfg
+
+
+def in_tier(tier_path: str, exc: ConfigError) -> ConfigError:
+    """Plugins name options relative to their tier entry (``compressor_options.level``); add the tier's path."""
+    if exc.path.startswith(tier_path):
+        return exc
+    return ConfigError(f"{tier_path}.{exc.path}" if exc.path else tier_path, exc.message)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> StackConfig:

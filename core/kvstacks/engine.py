@@ -20,7 +20,7 @@ import torch
 
 from kvstacks import metrics
 from kvstacks.compression import Compressor
-from kvstacks.config import StackConfig, load_yaml, parse_stack
+from kvstacks.config import StackConfig, in_tier, load_yaml, parse_stack
 from kvstacks.errors import ConfigError, InvalidInput, TierFull
 from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, hash_chain
 from kvstacks.loop import IOLoop
@@ -50,9 +50,12 @@ class CacheEngine:
         self._close_lock = threading.Lock()
         self.tiers: list[Tier] = []
         for tc in config.stack:
-            backend = self._registry.create("backends", tc.backend, tc.backend_options)
-            policy = self._registry.create("eviction_policies", tc.eviction)
-            compressor = self._registry.get("compressors", tc.compressor)(tc.compressor_options)
+            try:
+                backend = self._registry.create("backends", tc.backend, tc.backend_options)
+                policy = self._registry.create("eviction_policies", tc.eviction, tc.eviction_options)
+                compressor = self._registry.get("compressors", tc.compressor)(tc.compressor_options)
+            except ConfigError as exc:
+                raise in_tier(tc.path, exc) from None
             self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model))
         self._by_name = {t.name: t for t in self.tiers}
         self.io = IOLoop()
@@ -83,7 +86,7 @@ class CacheEngine:
             try:
                 await tier.backend.start()
             except ConfigError as exc:
-                raise ConfigError(f"{tier.config.path}.{exc.path}" if exc.path else tier.config.path, exc.message) from None
+                raise in_tier(tier.config.path, exc) from None
             except Exception as exc:
                 # A remote store that is down at start must not stop the engine: its calls fail and count.
                 tier.stats.errors += 1

@@ -36,9 +36,11 @@ def register_backends(register: Register) -> None:
     A backend stores :class:`kvstacks.memory.MemoryObj` values under
     :class:`kvstacks.keys.CacheKey` keys. It is built with ``cls(options)`` where
     ``options`` is an instance of ``cls.Options`` filled from the tier's YAML entry
-    (every key of the entry but ``backend``, ``capacity``, ``eviction``,
-    ``compressor``, ``compressor_options`` and ``lossless``, which the tier itself
-    handles).
+    (every key of the entry but ``backend``, ``name``, ``capacity``, ``eviction``,
+    ``eviction_options``, ``compressor``, ``compressor_options`` and ``lossless``,
+    which the tier itself handles). A ``ConfigError`` raised by the constructor or
+    by ``start()`` names the option relative to the tier entry (``"path"``); the
+    engine prefixes the tier's YAML path.
     """
 
 

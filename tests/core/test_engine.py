@@ -325,3 +325,14 @@ def test_blocking_call_from_the_io_loop_is_refused_clearly():
             e.io.run(asyncio.sleep(0))
         with pytest.raises(RuntimeError, match="async twin"):
             e.io.run(inside())
+
+
+def test_plugin_option_errors_are_prefixed_with_the_tier_path():
+    with pytest.raises(ConfigError, match=r"^stack\[0\]\.compressor_options\.level"):
+        CacheEngine.from_config({"stack": [{"backend": "test-dict", "compressor": "zstd",
+                                            "compressor_options": {"level": 99}}]})
+    with pytest.raises(ConfigError, match=r"stack\[0\]\.eviction_options\.nope: unknown option"):
+        CacheEngine.from_config({"stack": [{"backend": "test-dict", "eviction": "s3fifo",
+                                            "eviction_options": {"nope": 1}}]})
+    with make([{"backend": "test-dict", "eviction": "s3fifo", "eviction_options": {"small_ratio": 0.2}}]) as e:
+        assert e.tiers[0].policy.options.small_ratio == 0.2
