@@ -29,8 +29,8 @@ def keys(n: int) -> list[CacheKey]:
     return [CacheKey("bench", "kv", 1, 0, i.to_bytes(16, "little")) for i in range(n)]
 
 
-def paired(baseline, ours, repeats: int) -> tuple[float, float]:
-    """Median seconds of each; runs alternate so both see the same machine load."""
+def paired(baseline, ours, repeats: int, best: bool = False) -> tuple[float, float]:
+    """Median (or, with ``best``, minimum) seconds of each; runs alternate so both see the same load."""
     baseline()
     ours()  # warm: the pool fills, pages are touched
     base, mine = [], []
@@ -39,7 +39,8 @@ def paired(baseline, ours, repeats: int) -> tuple[float, float]:
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-    return statistics.median(base), statistics.median(mine)
+    pick = min if best else statistics.median
+    return pick(base), pick(mine)
 
 
 def big_chunks(repeats: int) -> list[tuple[str, float, float]]:
@@ -76,7 +77,7 @@ def big_chunks(repeats: int) -> list[tuple[str, float, float]]:
     return [("32 MiB chunk store+retrieve", gbps(base), gbps(ours))]
 
 
-def small_chunks(repeats: int) -> tuple[float, float]:
+def small_chunks(repeats: int, best: bool = False) -> tuple[float, float]:
     n = 2000
     # 1 KiB: 2 x 2 layers x 4 tokens x 32 hidden fp16
     kv = torch.randn(2, 2, 4 * n, 32, dtype=torch.float16)
@@ -100,7 +101,7 @@ def small_chunks(repeats: int) -> tuple[float, float]:
         for k in ks:
             backend.remove_now(k)
 
-    base, ours = paired(baseline, tier, repeats)
+    base, ours = paired(baseline, tier, repeats, best)
     return base / n * 1e6, ours / n * 1e6
 
 
@@ -185,9 +186,10 @@ def main() -> None:
     print(f"{'case':<34} {'baseline GB/s':>10} {'cpu tier GB/s':>10} {'ratio':>7}")
     for name, base, ours in big_chunks(args.repeats):
         print(f"{name:<34} {base:>10.2f} {ours:>10.2f} {ours / base:>7.0%}   (goal >= 70%)")
-    base, ours = small_chunks(args.repeats)
-    print(f"1 KiB chunk put+get+copy out+release: {ours:.2f} us per chunk, two copies {base:.2f} us, "
-          f"backend overhead {ours - base:.2f} us (goal <= 20 us)")
+    for best in (False, True):
+        base, ours = small_chunks(args.repeats, best)
+        print(f"1 KiB chunk put+get+copy out+release ({'best run' if best else 'median'}): {ours:.2f} us per chunk, "
+              f"two copies {base:.2f} us, backend overhead {ours - base:.2f} us (goal <= 20 us)")
     if not args.no_engine:
         through_engine(args.repeats)
 
