@@ -67,3 +67,35 @@ def test_reports_queue_without_blocking_and_overflow_forces_a_resync():
     agent.report("admit", "cpu", _keys(1))
     assert agent._take() == []
     assert not agent.registered  # the reporter registers again and re-reports engine.keys()
+
+
+def _stack(controller: dict) -> dict:
+    return {"chunk_size": 4, "stack": [{"backend": "cpu", "capacity": "1MiB"}], "controller": controller}
+
+
+def test_a_bad_controller_section_fails_the_engine_with_its_path():
+    from kvstacks import CacheEngine
+    from kvstacks.testing import require
+
+    require("kvstacks_cpu", "pip install -e plugins/cpu")
+    with pytest.raises(ConfigError, match=r"controller\.url: expected http://host:port"):
+        CacheEngine.from_config(_stack({"url": "nope", "instance_id": "i"}))
+
+
+@pytest.mark.timeout(60)  # a hang here is the failure
+def test_an_unreachable_controller_never_blocks_the_engine():
+    import torch
+
+    from kvstacks import CacheEngine
+    from kvstacks.testing import free_port, require
+
+    require("kvstacks_cpu", "pip install -e plugins/cpu")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    engine = CacheEngine.from_config(_stack({"url": url, "instance_id": "i", "heartbeat_interval": 0.1}))
+    try:
+        tokens = list(range(40))
+        engine.store(tokens, torch.zeros(2, 1, 40, 4, dtype=torch.float16))
+        assert engine.lookup(tokens) == 40
+        assert not engine.agent.registered
+    finally:
+        engine.close()
