@@ -69,12 +69,15 @@ def register_compressors(register: Register) -> None:
 def register_commands(register: Register) -> None:
     """Register controller commands (used by ``kvstacks-controller``).
 
-    A command class declares ``name`` (the route is ``/<name>``), ``methods``
-    (HTTP methods, default ``("POST",)``), ``mutating`` (whether it needs the admin
-    token) and an async ``run(self, ctx, body) -> dict`` where ``ctx`` is the
-    controller's context (index, registry, executor) and ``body`` the parsed JSON.
-    A third-party command registered here gets a route with no change to the
-    controller.
+    A command class (see ``kvstacks_controller.command.Command``) declares ``name``
+    (the route is ``/<name>``), ``methods`` (default ``("POST",)``), ``auth``
+    (``"admin"``, the default, needs ``KVSTACKS_ADMIN_TOKEN`` when set; ``"worker"``
+    needs ``KVSTACKS_WORKER_TOKEN``; ``"public"`` needs nothing; or a mapping from
+    method to level), ``mutating`` (documentation, shown in the OpenAPI document),
+    ``request_schema``/``response_schema`` (JSON Schema, validated and published),
+    and an async ``run(self, ctx, body)`` returning a JSON-able dict, where ``ctx``
+    is the controller's context (index, registry, executor). A third-party command
+    registered here gets a route with no change to the controller.
     """
 
 
@@ -82,11 +85,13 @@ def register_commands(register: Register) -> None:
 def register_transfer_channels(register: Register) -> None:
     """Register transfer channels: how chunks move between instances.
 
-    A channel class declares ``name`` and implements
-    :class:`kvstacks.transfer.TransferChannel`: a receiving side that a worker
-    opens on loopback, and ``send(address, objs)`` that ships
-    :class:`kvstacks.memory.MemoryObj` values to it. The builtin channel is ``tcp``;
-    ``kvstacks-nixl`` adds ``nixl``.
+    A channel class subclasses :class:`kvstacks.transfer.TransferChannel`:
+    ``listen(host, port, receive, token) -> address`` opens the receiving side on
+    a worker, and ``send(address, objs, meta, timeout, token)`` ships
+    :class:`kvstacks.memory.MemoryObj` values there and returns the receiver's
+    answer (what it stored), so a move removes the source only after the
+    destination confirmed. Chunks travel in the :mod:`kvstacks.frame` format.
+    The builtin channel is ``tcp``.
     """
 
 
