@@ -65,7 +65,7 @@ def drop_cache(paths: list[str]) -> None:
     os.sync()  # dirty pages cannot be dropped
     if DROP_CACHES:
         with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1")
+            f.write("3")  # page cache, dentries and inodes: a cold open too
         return
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -292,7 +292,7 @@ def main() -> None:
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="kvstacks-disk-bench-", dir=args.dir)
     try:
-        how = ("sync + echo 1 > /proc/sys/vm/drop_caches" if DROP_CACHES else
+        how = ("sync + echo 3 > /proc/sys/vm/drop_caches" if DROP_CACHES else
                "sync + posix_fadvise(DONTNEED) per file (/proc/sys/vm/drop_caches is not writable)")
         print(f"directory {directory}; cold reads: {how}")
         if not args.engine_only:

@@ -76,6 +76,8 @@ class CpuBackend(InProcessBackend):
 
     def put_now(self, key: CacheKey, obj: MemoryObj) -> None:
         src = obj.data
+        if src.requires_grad:
+            src = src.detach()  # the stored copy must not join the caller's autograd graph
         nbytes = src.numel() * src.element_size()
         buffer = self.pool.take(nbytes)
         try:

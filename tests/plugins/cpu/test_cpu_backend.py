@@ -166,3 +166,11 @@ def test_keys_report_payload_bytes(backend: CpuBackend) -> None:
     kv = random_kv(2, 10, 48, torch.bfloat16, seed=14)
     backend.put_now(key, raw_obj(key, kv))
     assert backend.keys_now() == [(key, kv.numel() * 2)]
+
+
+def test_a_kv_that_requires_grad_is_stored_detached(backend: CpuBackend) -> None:
+    key = random_key()
+    kv = random_kv(seed=15, dtype=torch.float32).requires_grad_()
+    backend.put_now(key, raw_obj(key, kv))
+    got = backend.get_now(key)
+    assert not got.data.requires_grad and torch.equal(got.data, kv.detach())
