@@ -104,7 +104,8 @@ def encode_into(obj: MemoryObj, buffer: torch.Tensor) -> int:
 
 def write_file(fd: int, obj: MemoryObj, direct: bool, staging: AlignedBuffers) -> None:
     """Write ``obj``'s frame at the start of ``fd``."""
-    if not direct and obj.data.is_contiguous():
+    data = obj.data
+    if not direct and data.is_contiguous() and data.device.type == "cpu" and not data.requires_grad:
         _write_all(fd, [memoryview(p).cast("B") for p in encode_parts(obj)])
         return
     buffer = staging.take(len(header(obj)) + obj.nbytes + 8)

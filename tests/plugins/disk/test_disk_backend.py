@@ -282,3 +282,13 @@ def test_encode_into_writes_the_frame_byte_for_byte(view: str) -> None:
     buffer = disk_module.io.AlignedBuffers(0).take(frame.frame_size(obj))
     n = disk_module.io.encode_into(obj, buffer)
     assert bytes(buffer[:n].numpy()) == frame.encode(obj)
+
+
+@pytest.mark.parametrize("o_direct", [False, None])
+async def test_a_kv_that_requires_grad_is_written(tmp_path: Path, o_direct: bool | None) -> None:
+    backend = DiskBackend(DiskBackend.Options(path=tmp_path, o_direct=o_direct))
+    await backend.start()
+    key = random_key()
+    kv = random_kv(seed=31, dtype=torch.float32).requires_grad_()
+    await backend.put(key, raw_obj(key, kv))
+    assert_same_obj(await backend.get(key), raw_obj(key, kv.detach()))
