@@ -122,7 +122,7 @@ class CacheGenCompressor(Compressor):
             raise ConfigError(f"{where}.workers", f"must be between 0 and 64, got {o.workers}")
         self.groups = list(groups)
         self.clip = float(np.float32(o.clip))
-        self.tables: Tables | None = load_tables(o.tables) if o.tables is not None else None
+        self.tables: Tables | None = load_tables(Path(o.tables)) if o.tables is not None else None
         if self.tables is not None:
             t = self.tables
             if (o.bins is not None and layer_bins(self.groups, t.layers) != t.bins) or t.clip != self.clip \

@@ -66,7 +66,7 @@ class Tables:
         }
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
+        Path(path).write_text(json.dumps(self.to_json(), separators=(",", ":")) + "\n")
 
     def matches(self, layers: int, hidden: int, bins: list[int], clip: float, anchor_every: int) -> bool:
         return (self.layers == layers and self.hidden == hidden and list(bins) == self.bins
