@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError
@@ -169,7 +169,8 @@ def build_client(o: RedisOptions) -> Redis | RedisCluster:
     if o.mode == "sentinel":
         parts = urlsplit(o.url)
         addresses = [(parts.hostname, parts.port or 26379)] + [_host_port(a, "sentinels") for a in o.sentinels]
-        db = int(unquote(parts.path.strip("/")) or 0) if parts.path.strip("/").isdigit() else 0
+        path = parts.path.strip("/")
+        db = int(path) if path.isdigit() else 0
         sentinel_kw = {k: v for k, v in kw.items() if k.startswith(("socket_", "ssl"))}
         if parts.scheme == "rediss":
             sentinel_kw["ssl"] = True
