@@ -79,7 +79,7 @@ class CpuBackend(InProcessBackend):
         if src.requires_grad:
             src = src.detach()  # the stored copy must not join the caller's autograd graph
         nbytes = src.numel() * src.element_size()
-        buffer = self.pool.take(nbytes)
+        buffer = self.pool.take(nbytes, src.dtype, src.shape)
         try:
             dst = buffer.typed(nbytes, src.dtype, src.shape)
             dst.copy_(src)

@@ -25,29 +25,42 @@ def size_class(nbytes: int) -> int:
 
 
 class PoolBuffer:
-    """One pooled buffer: ``data`` (1-D uint8) plus the typed view last made of it.
+    """One pooled buffer of ``size`` bytes, plus the typed view last made of it.
 
     Chunks are nearly all one shape, so the view is made once per buffer, not once
-    per store (a ``view`` costs microseconds, a real share of a 1 KiB store).
+    per store (a ``view`` costs microseconds, a real share of a 1 KiB store). A
+    buffer whose size class is exactly the chunk's size is born typed; its flat
+    ``uint8`` form (``data``) is made only if it is ever reused for another shape.
     """
 
-    __slots__ = ("_dtype", "_shape", "_view", "data")
+    __slots__ = ("_data", "_dtype", "_shape", "_view", "size")
 
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-        self._dtype: torch.dtype | None = None
-        self._shape: tuple[int, ...] = ()
-        self._view = data
+    def __init__(self, data: torch.Tensor | None = None, *, typed: torch.Tensor | None = None) -> None:
+        self._data = data
+        if typed is not None:
+            self._view = typed
+            self._dtype: torch.dtype | None = typed.dtype
+            self._shape: tuple[int, ...] = tuple(typed.shape)
+            self.size = typed.numel() * typed.element_size()
+        else:
+            assert data is not None
+            self._view = data
+            self._dtype, self._shape = None, ()
+            self.size = data.numel()
 
     @property
-    def size(self) -> int:
-        return self.data.numel()
+    def data(self) -> torch.Tensor:
+        """The whole buffer as a 1-D ``uint8`` tensor."""
+        if self._data is None:
+            self._data = self._view.reshape(-1).view(torch.uint8)
+        return self._data
 
     def typed(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The first ``nbytes`` as a contiguous ``dtype`` tensor of ``shape``."""
         if dtype is self._dtype and shape == self._shape:
             return self._view
-        flat = self.data if self.data.numel() == nbytes else self.data[:nbytes]
+        data = self.data
+        flat = data if self.size == nbytes else data[:nbytes]
         self._view = flat.view(dtype).view(tuple(shape))
         self._dtype, self._shape = dtype, tuple(shape)
         return self._view
@@ -85,8 +98,12 @@ class BufferPool:
         self._reuses = 0
         self._released = 0
 
-    def take(self, nbytes: int) -> PoolBuffer:
-        """A buffer of at least ``nbytes`` (exactly ``size_class(nbytes)``), contents undefined."""
+    def take(self, nbytes: int, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> PoolBuffer:
+        """A buffer of at least ``nbytes`` (exactly ``size_class(nbytes)``), contents undefined.
+
+        With ``dtype`` and ``shape`` (describing ``nbytes``), a new buffer that fits
+        exactly is allocated in that form, saving two views on a store.
+        """
         size = size_class(nbytes)
         with self._lock:
             free = self._free.get(size)
@@ -100,6 +117,8 @@ class BufferPool:
             self._in_use += size
             self._allocations += 1
         try:
+            if dtype is not None and shape is not None and size == nbytes:
+                return PoolBuffer(typed=torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory))
             return PoolBuffer(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory))
         except BaseException:
             with self._lock:
@@ -108,7 +127,7 @@ class BufferPool:
 
     def give_back(self, buffer: PoolBuffer) -> None:
         """Return a buffer from ``take``; nobody may read or write it afterwards."""
-        size = buffer.data.numel()
+        size = buffer.size
         with self._lock:
             self._in_use -= size
             if self.limit is not None and self._idle + size > self.limit:
@@ -120,7 +139,7 @@ class BufferPool:
     def forget(self, buffer: PoolBuffer) -> None:
         """Stop accounting a buffer from ``take`` that will not come back (torch frees it)."""
         with self._lock:
-            self._in_use -= buffer.data.numel()
+            self._in_use -= buffer.size
             self._released += 1
 
     def trim(self) -> int:

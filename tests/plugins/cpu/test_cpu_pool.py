@@ -86,3 +86,20 @@ def test_typed_view_is_cached_and_follows_shape_changes() -> None:
     other = buf.typed(512, torch.float32, (128,))
     assert other.shape == (128,) and other.dtype == torch.float32
     assert other.data_ptr() == buf.data.data_ptr()
+
+
+def test_an_exact_fit_is_born_typed_and_reusable_for_another_shape() -> None:
+    pool = BufferPool()
+    buf = pool.take(1024, torch.float16, (2, 2, 4, 32))
+    view = buf.typed(1024, torch.float16, (2, 2, 4, 32))
+    assert view.dtype == torch.float16 and view.shape == (2, 2, 4, 32) and buf.size == 1024
+    view.fill_(1.0)
+    flat = buf.data
+    assert flat.dtype == torch.uint8 and flat.numel() == 1024 and flat.data_ptr() == view.data_ptr()
+    pool.give_back(buf)
+    again = pool.take(1000)
+    assert again is buf
+    other = again.typed(1000, torch.uint8, (1000,))
+    assert other.data_ptr() == view.data_ptr()
+    pool.give_back(again)
+    assert pool.stats().in_use_bytes == 0
