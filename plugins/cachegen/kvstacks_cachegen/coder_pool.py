@@ -47,7 +47,7 @@ class CoderWorker:
             head.append(STREAM_HEAD.pack(len(s.counts), s.size, words))
         for s in streams:
             head.append(np.asarray(s.counts, dtype="<u2").tobytes())
-        body = [s.symbols if op == ENCODE else s.words for s in streams]
+        body = [s.symbols.astype(np.uint8) if op == ENCODE else s.words for s in streams]
         length = sum(len(h) for h in head) + sum(b.nbytes for b in body)
         try:
             self.proc.stdin.write(struct.pack("<Q", length) + b"".join(head))

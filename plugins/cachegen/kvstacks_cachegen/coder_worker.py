@@ -55,7 +55,7 @@ def run_job(message: bytes) -> bytes:
     for (alphabet, size, nwords), c in zip(heads, counts):
         words = np.frombuffer(message, dtype="<u4", count=nwords, offset=pos).copy()
         pos += 4 * nwords
-        out.append(decode_stream(words, size, c).tobytes())
+        out.append(decode_stream(words, size, c).astype(np.uint8).tobytes())
     return b"\0" + b"".join(out)
 
 

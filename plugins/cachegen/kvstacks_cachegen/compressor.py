@@ -19,9 +19,11 @@ it is given, except a fitted table file, whose id the header names.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -235,20 +237,21 @@ class CacheGenCompressor(Compressor):
                  n_sink, anchor_every, self.clip)
         out.add(np.asarray(bins, dtype="<u2"))
         out.add(np.ascontiguousarray(raw[:, :, :n_sink]))
-        body_raw = raw[:, :, n_sink:]
         streams: list[Stream] = []
         counts_sections = []
-        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink):
-            out.add(q.mean)
-            out.add(q.std)
-            part_raw = body_raw if index is None else body_raw[:, :, index]
-            escaped = part_raw[q.escapes]
-            out.pack("<I", escaped.size)
-            out.add(escaped)
-            if last and tabled:
-                streams.extend(self._table_streams(q.symbols))
+        halves = self._halves(lambda k: self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled), x.size)
+        for (last, qk, esc_k, streams_k), (_, qv, esc_v, streams_v) in zip(*halves):
+            out.add(qk.mean)
+            out.add(qv.mean)
+            out.add(qk.std)
+            out.add(qv.std)
+            out.pack("<I", esc_k.size + esc_v.size)
+            out.add(esc_k)
+            out.add(esc_v)
+            if streams_k is None:
+                streams.extend(self._table_streams(np.concatenate([qk.symbols, qv.symbols])))
             else:
-                part_streams = self._layer_streams(q.symbols, part_bins)
+                part_streams = streams_k + streams_v
                 counts_sections.append(np.concatenate([s.counts for s in part_streams]))
                 streams.extend(part_streams)
         for counts in counts_sections:
@@ -259,9 +262,26 @@ class CacheGenCompressor(Compressor):
             out.add(s.words)
         return out.getvalue()
 
+    @staticmethod
+    def _halves(fn, size: int) -> list:
+        """``[fn(0), fn(1)]`` (K, V), on two threads for big chunks: numpy releases the GIL."""
+        if size < PARALLEL_MIN_SYMBOLS:
+            return [fn(0), fn(1)]
+        return list(_numpy_threads().map(fn, (0, 1)))
+
+    def _encode_half(self, x: np.ndarray, raw: np.ndarray, bins: list[int], n_sink: int, tabled: bool) -> list:
+        """Quantize K or V ([1, L, T, H]); per part: (last, Quantized, escaped raw values, streams or None)."""
+        body_raw = raw[:, :, n_sink:]
+        results = []
+        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink):
+            part_raw = body_raw if index is None else body_raw[:, :, index]
+            streams = None if (last and tabled) else self._layer_streams(q.symbols, part_bins)
+            results.append((last, q, part_raw[q.escapes], streams))
+        return results
+
     def _layer_streams(self, symbols: np.ndarray, bins: list[int]) -> list[Stream]:
         streams = []
-        for k in range(2):
+        for k in range(symbols.shape[0]):
             for layer, b in enumerate(bins):
                 sym = symbols[k, layer].reshape(-1)
                 streams.append(Stream(class_counts(sym, b), sym, size=sym.size))
@@ -344,9 +364,7 @@ class CacheGenCompressor(Compressor):
             raise CorruptChunk("cachegen payload has invalid bins")
         if tabled and not self.tables.matches(layers, hidden, bins, clip, anchor_every):
             raise CorruptChunk("cachegen payload does not match its tables' shape or bins")
-        out = np.empty((2, layers, tokens, hidden), dtype=np.float32)
         sink_raw = r.array(RAW_NUMPY[code], 2 * layers * n_sink * hidden, "sink tokens")
-        out[:, :, :n_sink] = raw_to_float(sink_raw, code).reshape(2, layers, n_sink, hidden)
         all_parts = self.parts(tokens - n_sink, anchor_every)
         metas = []
         for p, index in enumerate(all_parts):
@@ -389,27 +407,65 @@ class CacheGenCompressor(Compressor):
             self._code(DECODE, streams)
         except StreamError as exc:
             raise CorruptChunk(f"cachegen stream is corrupt: {exc}") from None
-        anchors_hat = None
-        for (last, index, n, mean, std, esc, part_bins), part in zip(metas, streams_by_part):
-            if last and tabled:
-                rows = np.empty((2 * layers * hidden, n), dtype=np.uint8)
-                for s, r_idx in zip(part, self.tables.class_rows):
-                    rows[r_idx] = s.symbols.reshape(r_idx.size, n)
-                symbols = np.ascontiguousarray(rows.reshape(2, layers, hidden, n).transpose(0, 1, 3, 2))
-            else:
-                symbols = np.concatenate([s.symbols for s in part]).reshape(2, layers, n, hidden)
-            values, escapes = dequantize(symbols, mean, std, part_bins, clip)
-            if int(np.count_nonzero(escapes)) != esc.size:
+        # fp16 output is written directly; bf16 goes through float32 (numpy has no bf16)
+        out = np.empty((2, layers, tokens, hidden), dtype=np.float16 if code == 1 else np.float32)
+        out[:, :, :n_sink] = raw_to_float(sink_raw, code).reshape(2, layers, n_sink, hidden)
+        full_rows = [self._table_rows(part, layers, hidden, meta[2]) if meta[0] and tabled else None
+                     for meta, part in zip(metas, streams_by_part)]
+
+        def symbols_of(k: int) -> list[tuple[np.ndarray, int]]:
+            found = []
+            for (last, index, n, mean, std, esc, part_bins), part, rows in zip(metas, streams_by_part, full_rows):
+                if rows is not None:
+                    sym = rows[k:k + 1]
+                else:
+                    sym = np.empty((layers, n * hidden), dtype=np.int32)
+                    for row, st in zip(sym, part[k * layers:(k + 1) * layers]):
+                        row[:] = st.symbols
+                    sym = sym.reshape(1, layers, n, hidden)
+                escape = (np.asarray(part_bins, dtype=np.int32) - 1).reshape(1, -1, 1, 1)
+                found.append((sym, int(np.count_nonzero(sym == escape))))
+            return found
+
+        found = self._halves(symbols_of, count)
+        for p, (meta, (_, nk), (_, nv)) in enumerate(zip(metas, *found)):
+            if nk + nv != meta[5].size:
                 raise CorruptChunk("cachegen escape count does not match the coded symbols")
-            if anchors_hat is not None:
-                values += anchors_hat[:, :, index // anchor_every]
-            values[escapes] = esc
-            if len(all_parts) == 2 and index is all_parts[0]:
-                anchors_hat = values
-            if len(all_parts) == 1:
-                out[:, :, n_sink:] = values
-            else:
-                out[:, :, n_sink + index] = values
-        if dtype == torch.float16:
-            return torch.from_numpy(out.astype(np.float16))
-        return torch.from_numpy(out).to(dtype)
+
+        def rebuild(k: int) -> None:
+            anchors_hat = None
+            for p, (last, index, n, mean, std, esc, part_bins) in enumerate(metas):
+                sym, n_esc = found[k][p]
+                values, escapes = dequantize(sym, mean[k:k + 1], std[k:k + 1], part_bins, clip)
+                if anchors_hat is not None:
+                    values += anchors_hat[:, :, index // anchor_every]
+                first = 0 if k == 0 else found[0][p][1]
+                values[escapes] = esc[first:first + n_esc]
+                if len(all_parts) == 2 and index is all_parts[0]:
+                    anchors_hat = values
+                if len(all_parts) == 1:
+                    out[k:k + 1, :, n_sink:] = values
+                else:
+                    out[k:k + 1, :, n_sink + index] = values
+
+        self._halves(rebuild, count)
+        return torch.from_numpy(out) if code != 2 else torch.from_numpy(out).to(dtype)
+
+    def _table_rows(self, part: list[Stream], layers: int, hidden: int, n: int) -> np.ndarray:
+        """Symbols of a tables-coded part as [2, L, n, H]."""
+        rows = np.empty((2 * layers * hidden, n), dtype=np.int32)
+        for s, r_idx in zip(part, self.tables.class_rows):
+            rows[r_idx] = s.symbols.reshape(r_idx.size, n)
+        return np.ascontiguousarray(rows.reshape(2, layers, hidden, n).transpose(0, 1, 3, 2))
+
+
+_pool_lock = threading.Lock()
+_numpy_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _numpy_threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _numpy_pool
+    with _pool_lock:
+        if _numpy_pool is None:
+            _numpy_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cachegen-numpy")
+        return _numpy_pool

@@ -23,7 +23,7 @@ STAT_LIMIT = 6.0e4
 class Quantized:
     mean: np.ndarray  # float16 [2, L, H]
     std: np.ndarray  # float16 [2, L, H]
-    symbols: np.ndarray  # uint8 [2, L, n, H]
+    symbols: np.ndarray  # int32 [2, L, n, H] (the coder's symbol type, so no conversion pass)
     escapes: np.ndarray  # bool [2, L, n, H]
 
 
@@ -53,7 +53,7 @@ def quantize(x: np.ndarray, bins: list[int], clip: float) -> Quantized:
     escapes = ~ok
     np.copyto(q, half + 1, where=escapes)
     q += half
-    return Quantized(mean16, std16, q.astype(np.uint8), escapes)
+    return Quantized(mean16, std16, q.astype(np.int32), escapes)
 
 
 def dequantize(symbols: np.ndarray, mean16: np.ndarray, std16: np.ndarray, bins: list[int],
@@ -65,5 +65,5 @@ def dequantize(symbols: np.ndarray, mean16: np.ndarray, std16: np.ndarray, bins:
     values -= half
     values *= step
     values += mean16.astype(np.float32)[:, :, None, :]
-    escapes = symbols == (2 * half + 1).astype(np.uint8)
+    escapes = symbols == (2 * half + 1).astype(symbols.dtype)
     return values, escapes

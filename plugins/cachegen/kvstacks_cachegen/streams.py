@@ -39,7 +39,7 @@ class Stream:
     """One class's symbols: counts for its model and, once coded, its words."""
 
     counts: np.ndarray  # uint16/uint8 [alphabet]
-    symbols: np.ndarray | None = None  # uint8 [n] (before encoding / after decoding)
+    symbols: np.ndarray | None = None  # int32 or uint8 [n] (before encoding / after decoding)
     words: np.ndarray | None = None  # uint32 [w] (after encoding / before decoding)
     size: int = 0  # number of symbols
 
@@ -56,7 +56,7 @@ def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: objec
     if size == 0:
         if words.size:
             raise StreamError("a stream of no symbols carries data")
-        return np.zeros(0, dtype=np.uint8)
+        return np.zeros(0, dtype=np.int32)
     try:
         coder = _ans(np.ascontiguousarray(words, dtype=np.uint32))
         out = coder.decode(model or model_from_counts(counts), size)
@@ -65,7 +65,7 @@ def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: objec
         raise StreamError(f"invalid coded stream: {exc}") from None
     if not consumed:
         raise StreamError("coded stream has data left over after its symbols")
-    return out.astype(np.uint8)
+    return out
 
 
 def class_counts(symbols: np.ndarray, alphabet: int, scale: int = 255) -> np.ndarray:
