@@ -39,7 +39,8 @@ for d in "${dists[@]}"; do args+=(-e "$d"); done
 if [ "${1:-}" = "--test" ]; then
     "${PIP[@]}" install -q --group test
     need=()
-    command -v redis-server >/dev/null || need+=(redis-server)
+    command -v redis-server >/dev/null || need+=(redis-server)   # brings redis-cli, redis-benchmark
+    command -v openssl >/dev/null || need+=(openssl)             # TLS certificates for the redis tests
     if [ ${#need[@]} -gt 0 ]; then
         SUDO=""
         [ "$(id -u)" = 0 ] || SUDO="sudo"

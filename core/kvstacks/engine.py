@@ -330,11 +330,10 @@ class CacheEngine:
         return result, total
 
     async def _fetch(self, remote: dict[int, list[int]], keys: list[CacheKey]) -> dict[int, MemoryObj | None]:
-        async def one(level: int, j: int) -> tuple[int, MemoryObj | None]:
-            return j, await self.tiers[level].aget(keys[j], decode=False)
-
-        pairs = await asyncio.gather(*(one(level, j) for level, js in remote.items() for j in js))
-        return dict(pairs)
+        """One batch per tier, the tiers in parallel."""
+        levels = list(remote)
+        batches = await asyncio.gather(*(self.tiers[level].abatch_get([keys[j] for j in remote[level]]) for level in levels))
+        return {j: obj for level, objs in zip(levels, batches) for j, obj in zip(remote[level], objs)}
 
     def _count(self, where: list[int], n_ok: int, n_keys: int) -> None:
         for j in range(min(n_ok + 1, n_keys)):

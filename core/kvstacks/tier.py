@@ -342,6 +342,27 @@ class Tier:
         self.touch(key)
         return decoded
 
+    async def abatch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
+        """Fetch many chunks as stored (undecoded) in one backend call (one round trip for remote stores)."""
+        if self.in_process:
+            return [await self.aget(key, decode=False) for key in keys]
+        started = time.perf_counter()
+        try:
+            objs = await self.backend.batch_get(keys)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("tier %s: get failed, treating as misses: %s", self.name, exc)
+            return [None] * len(keys)
+        elapsed = (time.perf_counter() - started) / max(1, len(keys))
+        for key, obj in zip(keys, objs):
+            if obj is None:
+                self.forget(key)
+                continue
+            self.stats.bytes_read += obj.nbytes
+            self.read_seconds.observe(elapsed)
+            self.touch(key)
+        return objs
+
     async def abatch_contains(self, keys: list[CacheKey]) -> list[bool]:
         try:
             return await self.backend.batch_contains(keys)
