@@ -139,11 +139,13 @@ class CacheEngine:
         admitted: list[CacheKey] = []
         stored = 0
         through = self.config.write_mode == "through" and len(self.tiers) > 1
-        for key, (start, end) in zip(keys, bounds):
-            if top.has(key):
+        layers, hidden, dtype = kv.shape[1], kv.shape[3], kv.dtype
+        parts = kv.split(self.config.chunk_size, dim=2)  # every chunk's view in one call
+        for key, (start, end), part in zip(keys, bounds, parts):
+            if key in top.index:
                 top.touch(key)
                 continue
-            view = MemoryObj(key, kv.narrow(2, start, end - start), (2, kv.shape[1], end - start, kv.shape[3]), kv.dtype)
+            view = MemoryObj(key, part, (2, layers, end - start, hidden), dtype)
             kept = self._put_top(key, view)
             if kept:
                 admitted.append(key)
@@ -166,7 +168,9 @@ class CacheEngine:
         top = self.tiers[0]
         try:
             if top.in_process:
-                self._evicted(0, top.put_now(key, view))
+                evicted = top.put_now(key, view)
+                if evicted:
+                    self._evicted(0, evicted)
             else:
                 self._evicted(0, [(k, None) for k, _ in self.io.run(top.aput(key, view))])
         except TierFull:
@@ -282,19 +286,21 @@ class CacheEngine:
         keys, bounds = self._chunks(tokens)
         where = self._locate(keys)
         objs: list[MemoryObj | None] = [None] * len(where)
-        held: list[tuple[Tier, CacheKey, MemoryObj | None]] = []
+        held: list[tuple[Tier, list[CacheKey], list[MemoryObj | None]]] = []
         remote: dict[int, list[int]] = defaultdict(list)
         try:
+            local: dict[int, list[int]] = defaultdict(list)
             for j, level in enumerate(where):
+                (local if self.tiers[level].in_process else remote)[level].append(j)
+            for level, js in local.items():
                 tier = self.tiers[level]
-                if tier.in_process:
-                    tier.acquire(keys[j])
-                    objs[j] = tier.backend.get_now(keys[j])
-                    held.append((tier, keys[j], objs[j]))
-                    if objs[j] is not None:
-                        tier.touch(keys[j])
-                else:
-                    remote[level].append(j)
+                tier_keys = [keys[j] for j in js]
+                tier.acquire(tier_keys)
+                get_now = tier.backend.get_now
+                leased = [get_now(key) for key in tier_keys]
+                held.append((tier, tier_keys, leased))
+                for j, obj in zip(js, leased):
+                    objs[j] = obj
             if remote:
                 fetched = self.io.run(self._fetch(remote, keys))
                 for j, obj in fetched.items():
@@ -316,15 +322,20 @@ class CacheEngine:
                     log.warning("chunk %d of a prefix has another KV layout; serving %d tokens", j, total)
                     break
             result = self._output(out, layers, total, hidden, dtype)
-            for j in range(n_ok):
-                start, end = bounds[j]
-                result.narrow(2, start, end - start).copy_(decoded[j].data)
+            if out is None:
+                torch.cat([d.data for d in decoded[:n_ok]], dim=2, out=result)  # one call copies every chunk
+            else:
+                for j in range(n_ok):
+                    start, end = bounds[j]
+                    result.narrow(2, start, end - start).copy_(decoded[j].data)
             self.hit_tokens += total
         finally:
-            for tier, key, leased in held:
-                tier.release(key)
-                if leased is not None:
-                    tier.backend.release_now(leased)
+            for tier, tier_keys, leased in held:
+                tier.release(tier_keys)
+                release_now = tier.backend.release_now
+                for obj in leased:
+                    if obj is not None:
+                        release_now(obj)
         self._promote(where[:n_ok], decoded[:n_ok])
         metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
         return result, total

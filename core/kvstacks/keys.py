@@ -8,8 +8,7 @@ process, machine and the controller compute the same chain. Python's builtin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +20,13 @@ ROOT = b"\x00" * 16
 INT32_MAX = 2**31 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class CacheKey:
+class CacheKey(NamedTuple):
     """Where one chunk lives, independent of tier.
 
-    The tenant salt is folded into ``chunk_hash``, so keys of different tenants
-    never collide and one tenant cannot probe another's prefixes.
+    A named tuple, so hashing and comparing (done a dozen times per chunk in the
+    engine's bookkeeping) run in C. The tenant salt is folded into ``chunk_hash``,
+    so keys of different tenants never collide and one tenant cannot probe
+    another's prefixes.
     """
 
     model: str
@@ -34,10 +34,6 @@ class CacheKey:
     world_size: int
     rank: int
     chunk_hash: bytes
-
-    def __hash__(self) -> int:
-        # The digest alone already spreads keys; hashing all five fields costs more on every lookup.
-        return hash(self.chunk_hash)
 
     def to_string(self) -> str:
         """Stable string form used by remote stores and on disk."""

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from kvstacks import metrics
@@ -41,14 +41,6 @@ class TierStats:
     retries: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
-
-
-@dataclass
-class Admission:
-    """What ``reserve`` decided: room made by evicting ``victims``."""
-
-    victims: list[tuple[CacheKey, int]] = field(default_factory=list)
-    already_present: bool = False
 
 
 class Tier:
@@ -87,23 +79,25 @@ class Tier:
     def has(self, key: CacheKey) -> bool:
         return key in self.index
 
-    def reserve(self, key: CacheKey, nbytes: int) -> Admission:
-        """Account ``nbytes`` for ``key``, choosing victims to make room, or raise TierFull."""
+    def reserve(self, key: CacheKey, nbytes: int) -> list[tuple[CacheKey, int]] | None:
+        """Account ``nbytes`` for ``key`` and return the victims evicted to make room.
+
+        ``None`` when ``key`` is already present; raises TierFull when no room can be made.
+        """
         with self.lock:
             if key in self.index:
-                return Admission(already_present=True)
-            if self.capacity is not None:
+                return None
+            victims: list[tuple[CacheKey, int]] = []
+            if self.capacity is not None and self.used + nbytes > self.capacity:
                 if nbytes > self.capacity:
                     self._refuse(f"a {nbytes}-byte chunk exceeds the tier capacity of {self.capacity} bytes")
                 victims = self._make_room(nbytes)
-            else:
-                victims = []
             self.index[key] = nbytes
             self.used += nbytes
             if key not in self.pins:
                 self.policy.insert(key, nbytes)
             self.stats.stores += 1
-            return Admission(victims)
+            return victims
 
     def _make_room(self, nbytes: int) -> list[tuple[CacheKey, int]]:
         victims: list[tuple[CacheKey, int]] = []
@@ -169,15 +163,22 @@ class Tier:
             if key in self.index and key not in self.pins:
                 self.policy.access(key)
 
-    def acquire(self, key: CacheKey) -> None:
+    def acquire(self, keys: list[CacheKey]) -> None:
+        """Mark chunks as being read (never victims) and count the access, under one lock."""
         with self.lock:
-            self.in_use[key] += 1
+            in_use, pins, index, access = self.in_use, self.pins, self.index, self.policy.access
+            for key in keys:
+                in_use[key] += 1
+                if key in index and key not in pins:
+                    access(key)
 
-    def release(self, key: CacheKey) -> None:
+    def release(self, keys: list[CacheKey]) -> None:
         with self.lock:
-            self.in_use[key] -= 1
-            if self.in_use[key] <= 0:
-                del self.in_use[key]
+            in_use = self.in_use
+            for key in keys:
+                in_use[key] -= 1
+                if in_use[key] <= 0:
+                    del in_use[key]
 
     def pin(self, key: CacheKey, ttl: float | None) -> bool:
         with self.lock:
@@ -254,9 +255,9 @@ class Tier:
     def put_now(self, key: CacheKey, obj: MemoryObj, encode: bool = True) -> list[tuple[CacheKey, MemoryObj | None]]:
         """Store synchronously; return evicted ``(key, obj)`` pairs, still readable until ``drop_now``."""
         assert isinstance(self.backend, InProcessBackend)
-        encoded = self.encode(obj) if encode else obj
-        admission = self.reserve(key, encoded.nbytes)
-        if admission.already_present:
+        encoded = self.encode(obj) if encode and obj.compressor != self.compressor.name else obj
+        victims = self.reserve(key, encoded.nbytes)
+        if victims is None:
             self.touch(key)
             return []
         try:
@@ -266,7 +267,7 @@ class Tier:
             self.stats.errors += 1
             raise
         self.stats.bytes_written += encoded.nbytes
-        return [(victim, self.backend.get_now(victim)) for victim, _ in admission.victims]
+        return [(victim, self.backend.get_now(victim)) for victim, _ in victims] if victims else []
 
     def drop_now(self, key: CacheKey, obj: MemoryObj | None = None) -> None:
         """Remove an evicted chunk from an in-process backend and end the lease on ``obj``."""
@@ -289,8 +290,8 @@ class Tier:
             return [(k, 0) for k, _ in evicted]
         started = time.perf_counter()
         encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
-        admission = self.reserve(key, encoded.nbytes)
-        if admission.already_present:
+        victims = self.reserve(key, encoded.nbytes)
+        if victims is None:
             self.touch(key)
             return []
         try:
@@ -300,13 +301,13 @@ class Tier:
             raise
         self.stats.bytes_written += encoded.nbytes
         self.write_seconds.observe(time.perf_counter() - started)
-        for victim, _ in admission.victims:
+        for victim, _ in victims:
             try:
                 await self.backend.remove(victim)
             except Exception as exc:
                 self.stats.errors += 1
                 log.warning("tier %s: could not remove evicted chunk: %s", self.name, exc)
-        return admission.victims
+        return victims
 
     async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
         """Fetch (and decode) a copy the caller owns; a failure or a corrupt chunk is a miss (and is forgotten)."""
