@@ -64,6 +64,16 @@ class Backend:
         return
         yield  # pragma: no cover
 
+    def release_now(self, obj: MemoryObj) -> None:
+        """The caller has finished reading ``obj`` (from ``get``, ``batch_get`` or ``get_now``).
+
+        Objects are leases: a backend that recycles memory (the CPU pool, the disk
+        tier's aligned read buffers) must not reuse ``obj``'s bytes until it is
+        released, even if the key is removed meanwhile. The engine releases what it
+        reads once it has copied it out; an object never released is simply not
+        recycled. Called from any thread; must not block.
+        """
+
     async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
         for key, obj in items:
             await self.put(key, obj)
@@ -90,13 +100,6 @@ class InProcessBackend(Backend):
         """The stored object itself (no copy), leased to the caller until ``release_now``."""
         raise NotImplementedError
 
-    def release_now(self, obj: MemoryObj) -> None:
-        """End the lease ``get_now`` took: the caller has finished reading ``obj``.
-
-        A backend that recycles memory must not reuse ``obj``'s bytes while a lease
-        is open, even if the key is removed meanwhile. The engine releases every
-        object it got from ``get_now``.
-        """
 
     def contains_now(self, key: CacheKey) -> bool:
         raise NotImplementedError

@@ -197,24 +197,27 @@ class CacheEngine:
         """Queue ``obj`` for every tier below ``level``; end the lease on ``leased`` when all are written."""
         source = self.tiers[level]
         targets = [t for t in self.tiers[level + 1:] if not t.has(key)]
-        if leased is None:
-            done = None
-        else:
-            if not targets:
-                source.backend.release_now(leased)
-                return
-            remaining = [len(targets)]
-            lock = threading.Lock()
-
-            def done() -> None:
-                with lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last:
-                    source.backend.release_now(leased)
-
+        done = None if leased is None else self._release_after(source, leased, len(targets))
         for target in targets:
             self._submit(target, obj, done)
+
+    @staticmethod
+    def _release_after(source: Tier, leased: MemoryObj, writes: int) -> Any:
+        """A callback that releases ``leased`` once ``writes`` queued writes are done (at once if none)."""
+        if writes == 0:
+            source.backend.release_now(leased)
+            return None
+        remaining = [writes]
+        lock = threading.Lock()
+
+        def done() -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                source.backend.release_now(leased)
+
+        return done
 
     def _submit(self, target: Tier, obj: MemoryObj, done: Any = None) -> None:
         self.offloader.submit(Job(target, obj.key, obj, obj.nbytes, done))
@@ -301,26 +304,31 @@ class CacheEngine:
                 held.append((tier, tier_keys, leased))
                 for j, obj in zip(js, leased):
                     objs[j] = obj
+            raw: dict[int, MemoryObj] = {}
             if remote:
                 fetched = self.io.run(self._fetch(remote, keys))
                 for j, obj in fetched.items():
                     objs[j] = obj
+                    if obj is not None:
+                        raw[j] = obj
             n_ok = objs.index(None) if None in objs else len(objs)
             self._count(where, n_ok, len(keys))
             self.requests += 1
             self.query_tokens += bounds[-1][1] if bounds else 0
+            decoded = [self.tiers[where[j]].decode(objs[j]) for j in range(n_ok)]  # type: ignore[arg-type]
+            if decoded:
+                first = decoded[0]
+                layers, hidden, dtype = first.shape[1], first.shape[3], first.dtype
+                for j, obj in enumerate(decoded):
+                    if obj.shape[1] != layers or obj.shape[3] != hidden or obj.dtype != dtype:
+                        log.warning("chunk %d of a prefix has another KV layout; serving the chunks before it", j)
+                        n_ok = j
+                        break
             if n_ok == 0:
+                self._promote(where, [], raw)
                 metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
                 return None, 0
-            decoded = [self.tiers[where[j]].decode(objs[j]) for j in range(n_ok)]  # type: ignore[arg-type]
             total = bounds[n_ok - 1][1]
-            first = decoded[0]
-            layers, hidden, dtype = first.shape[1], first.shape[3], first.dtype
-            for j, obj in enumerate(decoded):
-                if obj.shape[1] != layers or obj.shape[3] != hidden or obj.dtype != dtype:
-                    n_ok, total = j, bounds[j - 1][1] if j else 0
-                    log.warning("chunk %d of a prefix has another KV layout; serving %d tokens", j, total)
-                    break
             result = self._output(out, layers, total, hidden, dtype)
             if out is None:
                 torch.cat([d.data for d in decoded[:n_ok]], dim=2, out=result)  # one call copies every chunk
@@ -336,7 +344,7 @@ class CacheEngine:
                 for obj in leased:
                     if obj is not None:
                         release_now(obj)
-        self._promote(where[:n_ok], decoded[:n_ok])
+        self._promote(where, decoded[:n_ok], raw)
         metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
         return result, total
 
@@ -365,21 +373,31 @@ class CacheEngine:
             raise InvalidInput(f"out must be a {dtype} tensor of shape [2, {layers}, >= {tokens}, {hidden}], got {got}")
         return out[:, :, :tokens]
 
-    def _promote(self, where: list[int], decoded: list[MemoryObj]) -> None:
-        for level, obj in zip(where, decoded):
+    def _promote(self, where: list[int], decoded: list[MemoryObj], raw: dict[int, MemoryObj]) -> None:
+        """Copy chunks found in lower tiers into the tiers above, then release what was read."""
+        top = self.tiers[0]
+        for j, (level, obj) in enumerate(zip(where, decoded)):
             if level == 0:
                 continue
-            top = self.tiers[0]
             if top.in_process and not top.has(obj.key):
                 try:
-                    self._evicted(0, top.put_now(obj.key, obj, encode=True))
+                    evicted = top.put_now(obj.key, obj, encode=True)
+                    if evicted:
+                        self._evicted(0, evicted)
                 except TierFull:
                     pass
                 except Exception as exc:
                     log.warning("tier %s: promotion failed: %s", top.name, exc)
-            for tier in self.tiers[1 if top.in_process else 0:level]:
-                if not tier.has(obj.key):
-                    self._submit(tier, obj)
+            targets = [t for t in self.tiers[1 if top.in_process else 0:level] if not t.has(obj.key)]
+            leased = raw.get(j)
+            # A decoded copy no longer needs the read buffer; raw KV does until it is written up.
+            shares = leased is not None and leased.data is obj.data
+            done = self._release_after(self.tiers[level], leased, len(targets) if shares else 0) if leased else None
+            for tier in targets:
+                self._submit(tier, obj, done if shares else None)
+        for j in range(len(decoded), len(where)):
+            if j in raw:
+                self.tiers[where[j]].backend.release_now(raw[j])
 
     # -- management --------------------------------------------------------------
 

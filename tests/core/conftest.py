@@ -62,6 +62,7 @@ class RemoteDictBackend(Backend):
         self.data = STORES.setdefault(self.options.store, {})
         self.down = False
         self.puts = 0
+        self.released = 0
 
     def _check(self):
         if self.down:
@@ -88,6 +89,9 @@ class RemoteDictBackend(Backend):
     async def keys(self):
         for k, v in list(self.data.items()):
             yield k, v.nbytes
+
+    def release_now(self, obj):
+        self.released += 1
 
 
 class TestBackends:

@@ -336,3 +336,22 @@ def test_plugin_option_errors_are_prefixed_with_the_tier_path():
                                             "eviction_options": {"nope": 1}}]})
     with make([{"backend": "test-dict", "eviction": "s3fifo", "eviction_options": {"small_ratio": 0.2}}]) as e:
         assert e.tiers[0].policy.options.small_ratio == 0.2
+
+
+def test_objects_read_from_lower_tiers_are_released_after_promotion():
+    STORES.pop("rel", None)
+    stack = [{"backend": "test-dict"}, {"backend": "test-remote", "store": "rel"},
+             {"backend": "test-remote", "name": "far", "store": "rel-far"}]
+    STORES.pop("rel-far", None)
+    with make(stack) as e:
+        tokens = list(range(48))
+        e.store(tokens, kv_for(48))
+        e.offloader.drain(5)
+        e.clear(tier="test-dict")
+        e.clear(tier="test-remote")
+        far = e.tier("far").backend
+        out, n = e.retrieve(tokens)
+        assert n == 48 and torch.equal(out, kv_for(48))
+        e.offloader.drain(5)  # promotion into the middle tier holds the lease until written
+        assert far.released == 3
+        assert e.lookup_tiers(tokens) == {"test-dict": 48, "test-remote": 48, "far": 48}
