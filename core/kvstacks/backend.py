@@ -56,7 +56,7 @@ class Backend:
 
     async def clear(self) -> None:
         """Remove every chunk this backend wrote (and only those)."""
-        async for key in self.keys():
+        async for key, _ in self.keys():
             await self.remove(key)
 
     async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
