@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvstacks import hookimpl
+import pluggy
+
+# The same marker as ``kvstacks.hookimpl``, made here so that the coder worker
+# processes (``python -m kvstacks_cachegen.coder_worker``), which import this
+# package, start without importing kvstacks and torch.
+hookimpl = pluggy.HookimplMarker("kvstacks")
 
 
 @hookimpl
