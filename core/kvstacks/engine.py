@@ -58,6 +58,7 @@ class CacheEngine:
                 raise in_tier(tc.path, exc) from None
             self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model))
         self._by_name = {t.name: t for t in self.tiers}
+        self._write_back = config.write_mode == "back" and len(self.tiers) > 1
         self.io = IOLoop()
         try:
             self.io.run(self._start())
@@ -137,6 +138,7 @@ class CacheEngine:
         keys, bounds = self._chunks(arr)
         top = self.tiers[0]
         admitted: list[CacheKey] = []
+        evicted_keys: list[CacheKey] = []
         stored = 0
         through = self.config.write_mode == "through" and len(self.tiers) > 1
         layers, hidden, dtype = kv.shape[1], kv.shape[3], kv.dtype
@@ -146,7 +148,7 @@ class CacheEngine:
                 top.touch(key)
                 continue
             view = MemoryObj(key, part, (2, layers, end - start, hidden), dtype)
-            kept = self._put_top(key, view)
+            kept = self._put_top(key, view, evicted_keys)
             if kept:
                 admitted.append(key)
                 stored += end - start
@@ -155,6 +157,8 @@ class CacheEngine:
                 self._offload_down(0, key, leased if leased is not None else self._stable(view), leased)
         if admitted:
             pm.hook.chunks_admitted(engine=self, tier=top.name, keys=admitted)
+        if evicted_keys:
+            pm.hook.chunks_evicted(engine=self, tier=top.name, keys=evicted_keys)
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         return stored
 
@@ -163,35 +167,36 @@ class CacheEngine:
         """A copy the caller cannot change after ``store`` returns."""
         return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor)
 
-    def _put_top(self, key: CacheKey, view: MemoryObj) -> bool:
-        """Write to the top tier at once; False if it refused or failed (counted, logged)."""
+    def _put_top(self, key: CacheKey, view: MemoryObj, evicted_keys: list[CacheKey]) -> bool:
+        """Write to the top tier at once; False if it refused or failed (counted, logged).
+
+        Victims' keys are appended to ``evicted_keys`` for one observer call per ``store``.
+        """
         top = self.tiers[0]
         try:
             if top.in_process:
-                evicted = top.put_now(key, view)
-                if evicted:
-                    self._evicted(0, evicted)
+                evicted = top.put_now(key, view, keep_victims=self._write_back)
             else:
-                self._evicted(0, [(k, None) for k, _ in self.io.run(top.aput(key, view))])
+                evicted = [(k, None) for k, _ in self.io.run(top.aput(key, view))]
         except TierFull:
             return False
         except Exception as exc:
             top.stats.errors += 1
             log.warning("tier %s: put failed: %s", top.name, exc)
             return False
+        if evicted:
+            self._drop_victims(0, evicted)
+            evicted_keys.extend(k for k, _ in evicted)
         return True
 
-    def _evicted(self, level: int, evicted: list[tuple[CacheKey, MemoryObj | None]]) -> None:
-        """Victims of tier ``level``: demote them (write-back), drop them, tell observers."""
-        if not evicted:
-            return
+    def _drop_victims(self, level: int, evicted: Sequence[tuple[CacheKey, MemoryObj | None]]) -> None:
+        """Victims of tier ``level``: demote them (write-back) and remove them from an in-process tier."""
         tier = self.tiers[level]
         for key, obj in evicted:
-            if self.config.write_mode == "back" and obj is not None and level + 1 < len(self.tiers):
+            if obj is not None and level + 1 < len(self.tiers):
                 self._submit(self.tiers[level + 1], self._stable(obj))
             if tier.in_process:
                 tier.drop_now(key, obj)
-        pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[k for k, _ in evicted])
 
     def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj, leased: MemoryObj | None) -> None:
         """Queue ``obj`` for every tier below ``level``; end the lease on ``leased`` when all are written."""
@@ -381,9 +386,10 @@ class CacheEngine:
                 continue
             if top.in_process and not top.has(obj.key):
                 try:
-                    evicted = top.put_now(obj.key, obj, encode=True)
+                    evicted = top.put_now(obj.key, obj, keep_victims=self._write_back)
                     if evicted:
-                        self._evicted(0, evicted)
+                        self._drop_victims(0, evicted)
+                        pm.hook.chunks_evicted(engine=self, tier=top.name, keys=[k for k, _ in evicted])
                 except TierFull:
                     pass
                 except Exception as exc:

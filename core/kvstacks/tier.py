@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from kvstacks import metrics
 from kvstacks.backend import Backend, InProcessBackend
@@ -26,6 +26,10 @@ from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 
 log = logging.getLogger("kvstacks.tier")
+
+# Returned when nothing was evicted: one shared empty tuple instead of a new list per store,
+# since every allocation on this path adds to the garbage collector's work.
+_NONE: tuple = ()
 
 
 @dataclass
@@ -79,7 +83,7 @@ class Tier:
     def has(self, key: CacheKey) -> bool:
         return key in self.index
 
-    def reserve(self, key: CacheKey, nbytes: int) -> list[tuple[CacheKey, int]] | None:
+    def reserve(self, key: CacheKey, nbytes: int) -> Sequence[tuple[CacheKey, int]] | None:
         """Account ``nbytes`` for ``key`` and return the victims evicted to make room.
 
         ``None`` when ``key`` is already present; raises TierFull when no room can be made.
@@ -87,7 +91,7 @@ class Tier:
         with self.lock:
             if key in self.index:
                 return None
-            victims: list[tuple[CacheKey, int]] = []
+            victims: Sequence[tuple[CacheKey, int]] = _NONE
             if self.capacity is not None and self.used + nbytes > self.capacity:
                 if nbytes > self.capacity:
                     self._refuse(f"a {nbytes}-byte chunk exceeds the tier capacity of {self.capacity} bytes")
@@ -252,14 +256,19 @@ class Tier:
 
     # -- data path, in-process backends (caller's thread) -------------------
 
-    def put_now(self, key: CacheKey, obj: MemoryObj, encode: bool = True) -> list[tuple[CacheKey, MemoryObj | None]]:
-        """Store synchronously; return evicted ``(key, obj)`` pairs, still readable until ``drop_now``."""
+    def put_now(self, key: CacheKey, obj: MemoryObj, encode: bool = True,
+                keep_victims: bool = False) -> Sequence[tuple[CacheKey, MemoryObj | None]]:
+        """Store synchronously; return evicted ``(key, obj)`` pairs for ``drop_now``.
+
+        The objects are leased (readable until ``drop_now``) only with ``keep_victims``
+        (write-back demotes them); otherwise they are ``None``.
+        """
         assert isinstance(self.backend, InProcessBackend)
         encoded = self.encode(obj) if encode and obj.compressor != self.compressor.name else obj
         victims = self.reserve(key, encoded.nbytes)
         if victims is None:
             self.touch(key)
-            return []
+            return _NONE
         try:
             self.backend.put_now(key, encoded)
         except Exception:
@@ -267,7 +276,11 @@ class Tier:
             self.stats.errors += 1
             raise
         self.stats.bytes_written += encoded.nbytes
-        return [(victim, self.backend.get_now(victim)) for victim, _ in victims] if victims else []
+        if not victims:
+            return _NONE
+        if keep_victims:
+            return [(victim, self.backend.get_now(victim)) for victim, _ in victims]
+        return [(victim, None) for victim, _ in victims]
 
     def drop_now(self, key: CacheKey, obj: MemoryObj | None = None) -> None:
         """Remove an evicted chunk from an in-process backend and end the lease on ``obj``."""
