@@ -225,7 +225,6 @@ def median_rate(fn, nbytes: int, repeats: int, clock=time.perf_counter) -> float
 
 def speed_table(kv: torch.Tensor, repeats: int) -> None:
     import constriction
-
     from kvstacks_cachegen.compressor import CacheGenCompressor
 
     chunks = [c for _, c in chunks_of(kv, (kv.shape[2] // CHUNK) * CHUNK)]
@@ -250,11 +249,11 @@ def speed_table(kv: torch.Tensor, repeats: int) -> None:
         c = CacheGenCompressor(CacheGenCompressor.Options(**options))
         payloads = [bytes(c.compress(x)) for x in chunks]  # also warms up the workers
 
-        def encode():
+        def encode(c=c):
             for x in chunks:
                 c.compress(x)
 
-        def decode():
+        def decode(c=c, payloads=payloads):
             for x, pl in zip(chunks, payloads):
                 c.decompress(memoryview(pl), tuple(x.shape), x.dtype)
 

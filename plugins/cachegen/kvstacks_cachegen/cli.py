@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import click
 import numpy as np
-
 from kvstacks.errors import ConfigError
 
 

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from kvstacks_cachegen.coder_worker import DECODE, ENCODE, STREAM_HEAD, read_exact
+from kvstacks_cachegen.coder_worker import ENCODE, STREAM_HEAD, read_exact
 from kvstacks_cachegen.streams import Stream, StreamError
 
 

@@ -74,7 +74,7 @@ def main() -> None:
             reply = run_job(message)
         except (StreamError, ValueError, struct.error) as exc:
             reply = b"\1" + str(exc).encode()[:1000]
-        except BaseException as exc:  # a coder panic must become an error reply, not a dead pipe
+        except BaseException as exc:  # noqa: BLE001 - a coder panic must become an error reply, not a dead pipe
             reply = b"\1" + f"{type(exc).__name__}: {exc}".encode()[:1000]
         stdout.write(struct.pack("<Q", len(reply)))
         stdout.write(reply)

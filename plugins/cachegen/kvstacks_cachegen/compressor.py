@@ -30,15 +30,21 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-
 from kvstacks.compression import Compressor
 from kvstacks.errors import ConfigError, CorruptChunk
+
 from kvstacks_cachegen import coder_pool
 from kvstacks_cachegen.coder_worker import DECODE, ENCODE
 from kvstacks_cachegen.payload import Reader, Writer
 from kvstacks_cachegen.quantize import STAT_LIMIT, dequantize, quantize
-from kvstacks_cachegen.streams import (Stream, StreamError, class_counts, decode_stream, encode_stream,
-                                       model_from_counts)
+from kvstacks_cachegen.streams import (
+    Stream,
+    StreamError,
+    class_counts,
+    decode_stream,
+    encode_stream,
+    model_from_counts,
+)
 from kvstacks_cachegen.tables import Tables, load_tables
 
 log = logging.getLogger("kvstacks.cachegen")
@@ -106,7 +112,7 @@ class CacheGenCompressor(Compressor):
         #: coder processes (constriction holds the GIL); default: one less than the CPUs, at most 4
         workers: int | None = None
 
-    def __init__(self, options: "CacheGenCompressor.Options | None" = None) -> None:
+    def __init__(self, options: CacheGenCompressor.Options | None = None) -> None:
         super().__init__(options)
         o = self.options
         groups = o.bins if o.bins is not None else LEVELS[o.level]
@@ -354,11 +360,10 @@ class CacheGenCompressor(Compressor):
         if bool(flags & FLAG_DELTA) != (anchor_every >= 2):
             raise CorruptChunk("cachegen payload header is inconsistent (delta flag)")
         tabled = bool(flags & FLAG_TABLES)
-        if tabled:
-            if self.tables is None or self.tables.table_id != bytes(table_id):
-                have = self.tables.table_id.hex() if self.tables else "none"
-                raise CorruptChunk(f"chunk was coded with cachegen tables {bytes(table_id).hex()}, this compressor "
-                                   f"has {have}; configure compressor_options.tables with that file")
+        if tabled and (self.tables is None or self.tables.table_id != bytes(table_id)):
+            have = self.tables.table_id.hex() if self.tables else "none"
+            raise CorruptChunk(f"chunk was coded with cachegen tables {bytes(table_id).hex()}, this compressor "
+                               f"has {have}; configure compressor_options.tables with that file")
         bins = r.array("<u2", layers, "bins").astype(int).tolist()
         if any(b % 2 or not 4 <= b <= 256 for b in bins):
             raise CorruptChunk("cachegen payload has invalid bins")

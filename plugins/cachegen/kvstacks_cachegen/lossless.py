@@ -16,9 +16,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 import zstandard
-
 from kvstacks.compression import Compressor
 from kvstacks.errors import ConfigError, CorruptChunk
+
 from kvstacks_cachegen.payload import Reader
 
 MAGIC = b"KVBS"
@@ -37,7 +37,7 @@ class ByteSplitZstdCompressor(Compressor):
         #: zstd level (1 is fast and gets nearly all of the gain on KV)
         level: int = 1
 
-    def __init__(self, options: "ByteSplitZstdCompressor.Options | None" = None) -> None:
+    def __init__(self, options: ByteSplitZstdCompressor.Options | None = None) -> None:
         super().__init__(options)
         if not -7 <= self.options.level <= 22:
             raise ConfigError("compressor_options.level", f"zstd levels are -7..22, got {self.options.level}")

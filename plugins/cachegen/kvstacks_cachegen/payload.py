@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-
 from kvstacks.errors import CorruptChunk
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from kvstacks.errors import ConfigError
 
 FORMAT = "kvstacks-cachegen-tables"

@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kvstacks.config import parse_stack
 from kvstacks.errors import ConfigError, CorruptChunk
 from kvstacks.plugins import registry

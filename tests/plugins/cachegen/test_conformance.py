@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from kvstacks.testing import CompressorConformance, random_kv
 from kvstacks_cachegen.cli import fit_tables
 from kvstacks_cachegen.compressor import CacheGenCompressor
