@@ -143,15 +143,21 @@ class CacheEngine:
         through = self.config.write_mode == "through" and len(self.tiers) > 1
         layers, hidden, dtype = kv.shape[1], kv.shape[3], kv.dtype
         parts = kv.split(self.config.chunk_size, dim=2)  # every chunk's view in one call
+        views = []
         for key, (start, end), part in zip(keys, bounds, parts):
             if key in top.index:
                 top.touch(key)
                 continue
-            view = MemoryObj(key, part, (2, layers, end - start, hidden), dtype)
-            kept = self._put_top(key, view, evicted_keys)
+            views.append(MemoryObj(key, part, (2, layers, end - start, hidden), dtype))
+        if top.in_process:
+            kept_all = [self._put_top(view.key, view, evicted_keys) for view in views]
+        else:
+            kept_all = self._put_remote_top(views, evicted_keys)
+        for view, kept in zip(views, kept_all):
+            key = view.key
             if kept:
                 admitted.append(key)
-                stored += end - start
+                stored += view.num_tokens
             if through:
                 leased = top.backend.get_now(key) if kept and top.in_process else None
                 self._offload_down(0, key, leased if leased is not None else self._stable(view), leased)
@@ -168,16 +174,13 @@ class CacheEngine:
         return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor)
 
     def _put_top(self, key: CacheKey, view: MemoryObj, evicted_keys: list[CacheKey]) -> bool:
-        """Write to the top tier at once; False if it refused or failed (counted, logged).
+        """Write to an in-process top tier at once; False if it refused or failed (counted, logged).
 
         Victims' keys are appended to ``evicted_keys`` for one observer call per ``store``.
         """
         top = self.tiers[0]
         try:
-            if top.in_process:
-                evicted = top.put_now(key, view, keep_victims=self._write_back)
-            else:
-                evicted = [(k, None) for k, _ in self.io.run(top.aput(key, view))]
+            evicted = top.put_now(key, view, keep_victims=self._write_back)
         except TierFull:
             return False
         except Exception as exc:
@@ -188,6 +191,27 @@ class CacheEngine:
             self._drop_victims(0, evicted)
             evicted_keys.extend(k for k, _ in evicted)
         return True
+
+    def _put_remote_top(self, views: list[MemoryObj], evicted_keys: list[CacheKey]) -> list[bool]:
+        """Write every chunk to a top tier that does I/O, concurrently, in one hop to the I/O loop."""
+        top = self.tiers[0]
+        if not views:
+            return []
+
+        async def put_all() -> list[Any]:
+            return await asyncio.gather(*(top.aput(v.key, v) for v in views), return_exceptions=True)
+
+        kept = []
+        for result in self.io.run(put_all()):
+            if isinstance(result, BaseException):
+                if not isinstance(result, TierFull):
+                    top.stats.errors += 1
+                    log.warning("tier %s: put failed: %s", top.name, result)
+                kept.append(False)
+            else:
+                evicted_keys.extend(k for k, _ in result)
+                kept.append(True)
+        return kept
 
     def _drop_victims(self, level: int, evicted: Sequence[tuple[CacheKey, MemoryObj | None]]) -> None:
         """Victims of tier ``level``: demote them (write-back) and remove them from an in-process tier."""
