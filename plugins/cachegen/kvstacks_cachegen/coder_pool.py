@@ -133,25 +133,31 @@ class CoderPool:
         self.all.clear()
 
 
-_pools: dict[int, CoderPool] = {}
+_pools: dict[tuple[int, int], CoderPool] = {}
 _pools_lock = threading.Lock()
 
 
 def shared_pool(size: int) -> CoderPool | None:
-    """The process-wide pool with ``size`` workers (None when size is 0)."""
+    """The process-wide pool with ``size`` workers (None when size is 0).
+
+    Keyed by process id too: a forked child (a server's worker processes) must
+    not talk to its parent's coders over inherited pipes.
+    """
     if size <= 0:
         return None
     with _pools_lock:
-        pool = _pools.get(size)
+        key = (os.getpid(), size)
+        pool = _pools.get(key)
         if pool is None:
-            pool = _pools[size] = CoderPool(size)
+            pool = _pools[key] = CoderPool(size)
         return pool
 
 
 @atexit.register
 def _close_pools() -> None:
-    for pool in _pools.values():
-        pool.close()
+    for (pid, _), pool in _pools.items():
+        if pid == os.getpid():
+            pool.close()
 
 
 def default_workers() -> int:

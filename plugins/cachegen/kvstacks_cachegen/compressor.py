@@ -138,8 +138,13 @@ class CacheGenCompressor(Compressor):
                 raise ConfigError(f"{where}.tables", f"{o.tables} was fitted for bins {t.bins}, clip {t.clip}, "
                                   f"anchor_every {t.anchor_every}; use those options or fit tables for these")
         workers = coder_pool.default_workers() if o.workers is None else o.workers
-        self.pool = coder_pool.shared_pool(workers)
+        self.workers = workers
         self._warned_tables = False
+
+    @property
+    def pool(self) -> coder_pool.CoderPool | None:
+        """This process's coder workers (looked up each time, so a forked child gets its own)."""
+        return coder_pool.shared_pool(self.workers)
 
     # ---- planning, shared by encoder, decoder and `fit` ----
 
@@ -311,7 +316,8 @@ class CacheGenCompressor(Compressor):
                 s.symbols = decode_stream(s.words, s.size, s.counts, model)
 
         total = sum(s.size for s in streams)
-        workers = self.pool.borrow(self.pool.size) if self.pool and total >= PARALLEL_MIN_SYMBOLS else []
+        pool = self.pool
+        workers = pool.borrow(pool.size) if pool and total >= PARALLEL_MIN_SYMBOLS else []
         if not workers:
             for s in streams:
                 here(s)
@@ -321,7 +327,7 @@ class CacheGenCompressor(Compressor):
             failed = coder_pool.run_split(op, streams, workers, here)
         finally:
             for w in workers:
-                self.pool.give_back(w, healthy=id(w) not in failed)
+                pool.give_back(w, healthy=id(w) not in failed)
         if failed:
             if op == DECODE:
                 # A worker died on these bytes; decoding them here could take this process down too.
