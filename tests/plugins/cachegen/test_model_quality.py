@@ -74,8 +74,9 @@ def test_default_level_keeps_perplexity(model_and_ids):
         return ppl, float((top == base_top).float().mean())
 
     ppl, agree = through({})
-    # 3% of perplexity on ~90 scored tokens: the benchmark measures +0.06 on 1,153 tokens
-    assert abs(ppl - base) <= 0.03 * base, (base, ppl)
+    # 1.5% of perplexity on 78 scored tokens (measured: 31.59 -> 31.53, top-1 0.95; a 4-bin,
+    # no-sink cache gives 131.7); the benchmark measures +0.06 on 1,202 tokens
+    assert abs(ppl - base) <= 0.015 * base, (base, ppl)
     assert agree >= 0.9
     crude, _ = through({"bins": [4], "sinks": "never"})
     assert crude - base > abs(ppl - base), "a crude 4-bin cache must hurt more (the test can tell them apart)"
