@@ -344,3 +344,15 @@ def test_lossless_tier_refuses_cachegen_at_config_time():
     assert cfg.stack[0].compressor_options.bins == [32, 16, 16]
     with pytest.raises(ConfigError, match="compressor_options.level"):
         parse_stack({"stack": [{"backend": backend, "compressor": "cachegen", "compressor_options": {"level": "max"}}]})
+
+
+def test_fit_is_a_subcommand_of_kvstacks(tmp_path, sample_npz):
+    from kvstacks.cli import cli
+    from kvstacks.plugins import load_plugins
+
+    if "cachegen" not in cli.commands:
+        load_plugins().hook.register_cli_commands(cli=cli)
+    out = tmp_path / "root.json"
+    result = CliRunner().invoke(cli, ["cachegen", "fit", "--kv", str(sample_npz), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_tables(out).layers == 3
