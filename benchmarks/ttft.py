@@ -83,6 +83,7 @@ def measure_length(model: Any, ids: torch.Tensor, folder: Path, redis_url: str |
                    chunk_size: int) -> dict:
     """TTFT medians of one prompt: cold, and warm from each tier."""
     times: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
     cached: dict[str, int] = {}
     engine = CacheEngine.from_config({**default_stack(f"{MODEL_NAME}-fp32", folder), "chunk_size": chunk_size})
     redis_engine = None
@@ -93,30 +94,32 @@ def measure_length(model: Any, ids: torch.Tensor, folder: Path, redis_url: str |
         })
     try:
         lm = PrefixCachedLM(model, engine)
-        last = None
-        for _ in range(repeats):
-            engine.clear()
-            last = lm.prefill(ids)
-            times.setdefault("cold", []).append(last.ttft_s)
-        cached["cold"] = 0
-        wait_for_offloads(engine)
         cases: list[tuple[str, Any, Any]] = [
             ("cpu", engine, lambda: None),
             ("disk", engine, lambda: engine.clear(tier="cpu")),
             ("disk-device", engine, lambda: (engine.clear(tier="cpu"), drop_page_cache(folder))),
         ]
         if redis_engine is not None:
-            # Same KV, written straight to the Redis stack, to spare another cold prefill.
-            assert last is not None
-            PrefixCachedLM(model, redis_engine).store(ids[:-1], last.past_key_values)
-            wait_for_offloads(redis_engine)
             cases.append(("redis", redis_engine, lambda: redis_engine.clear(tier="cpu")))
-        for name, eng, setup in cases:
-            warm = PrefixCachedLM(model, eng)
-            for _ in range(repeats):
+        warm = {name: PrefixCachedLM(model, eng) for name, eng, _ in cases}
+        # One round per repeat, cold then every warm case: load on a shared machine drifts over
+        # minutes, so each round's ratios compare runs made close together.
+        for _ in range(repeats):
+            engine.clear()
+            cold = lm.prefill(ids)
+            times.setdefault("cold", []).append(cold.ttft_s)
+            cached["cold"] = 0
+            wait_for_offloads(engine)
+            if redis_engine is not None:
+                # The same KV, written straight to the Redis stack, to spare another cold prefill.
+                redis_engine.clear()
+                PrefixCachedLM(model, redis_engine).store(ids[:-1], cold.past_key_values)
+                wait_for_offloads(redis_engine)
+            for name, _, setup in cases:
                 setup()
-                result = warm.prefill(ids)
+                result = warm[name].prefill(ids)
                 times.setdefault(name, []).append(result.ttft_s)
+                ratios.setdefault(name, []).append(cold.ttft_s / result.ttft_s)
                 # The fewest over the repeats: a tier that missed part of the prefix shows here.
                 cached[name] = min(cached.get(name, result.cached_tokens), result.cached_tokens)
         stored = engine.stats()["disk"]["bytes"]
@@ -128,7 +131,8 @@ def measure_length(model: Any, ids: torch.Tensor, folder: Path, redis_url: str |
     return {
         "prompt_tokens": int(ids.numel()),
         "ttft_s": ttft,
-        "speedup": {name: ttft["cold"] / value for name, value in ttft.items() if name != "cold"},
+        # The median of each round's cold / warm.
+        "speedup": {name: median(values) for name, values in ratios.items()},
         "cached_tokens": cached,
         "kv_bytes": stored,
     }
@@ -159,9 +163,11 @@ def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, first_tok
             messages.append({"role": "user", "content": user})
             ids = torch.tensor(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)["input_ids"])
-            cold = [cold_lm.prefill(ids, store=False).ttft_s for _ in range(repeats)]
-            # store=False: every repeat finds what the earlier turns left, and not this one.
-            warm_runs = [lm.prefill(ids, store=False) for _ in range(repeats)]
+            cold, warm_runs = [], []
+            for _ in range(repeats):  # interleaved, as in measure_length
+                cold.append(cold_lm.prefill(ids, store=False).ttft_s)
+                # store=False: every repeat finds what the earlier turns left, and not this one.
+                warm_runs.append(lm.prefill(ids, store=False))
             out = lm.generate(ids, max_new_tokens=answer_tokens, do_sample=False)
             answer = tokenizer.decode(out[0, ids.numel():], skip_special_tokens=True)
             messages.append({"role": "assistant", "content": answer})
@@ -170,7 +176,7 @@ def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, first_tok
                 "cached_tokens": warm_runs[-1].cached_tokens,
                 "ttft_s": {"cold": median(cold), "cached": median([r.ttft_s for r in warm_runs])},
             }
-            row["speedup"] = row["ttft_s"]["cold"] / row["ttft_s"]["cached"]
+            row["speedup"] = median([c / w.ttft_s for c, w in zip(cold, warm_runs)])
             rows.append(row)
             log(f"  turn {turn}: {row['prompt_tokens']} tokens, {row['cached_tokens']} cached, "
                 f"{row['ttft_s']['cold']:.2f}s -> {row['ttft_s']['cached']:.2f}s")
@@ -182,7 +188,8 @@ def measure_chat(model: Any, tokenizer: Any, folder: Path, turns: int, first_tok
 
 def render(lengths: list[dict], chat: list[dict], repeats: int, chunk_size: int) -> str:
     cases = [c for c in ("cpu", "disk", "disk-device", "redis") if any(c in r["ttft_s"] for r in lengths)]
-    lines = [f"time to first token, {MODEL_NAME} (float32 KV), medians of {repeats}; baseline: cold prefill",
+    lines = [f"time to first token, {MODEL_NAME} (float32 KV), medians of {repeats} rounds; baseline: cold prefill",
+             "x: median over rounds of cold / warm, each round's runs made back to back",
              f"chunk_size {chunk_size}", ""]
     head = f"{'tokens':>7}{'KV MiB':>8}{'cold s':>9}" + "".join(f"{c + ' s':>14}{'x':>7}" for c in cases)
     lines.append(head)
