@@ -21,16 +21,31 @@ class StreamError(ValueError):
     """Bytes that do not decode as the streams they claim to be."""
 
 
-def model_from_counts(counts: np.ndarray) -> object:
-    """A categorical model from integer counts, built identically by encoder and decoder.
+#: streams of at most this many symbols are coded as pairs of their high parts plus raw low bits
+PAIRED_MAX_ALPHABET = 64
 
-    constriction gives every symbol at least the smallest representable
-    probability, so a symbol whose count rounded to zero still codes, and
-    hostile counts still make a valid (if useless) model.
+
+def paired(alphabet: int) -> bool:
+    """Whether a stream of this alphabet is coded as pairs (see :func:`encode_stream`)."""
+    return alphabet <= PAIRED_MAX_ALPHABET and alphabet % 2 == 0
+
+
+def model_from_counts(counts: np.ndarray) -> object:
+    """The categorical model a stream with these integer counts is coded with.
+
+    Encoder and decoder build it identically from the same counts. For paired
+    streams it is the model of a pair of high parts (``symbol >> 1``): the
+    outer product of their distribution with itself. constriction gives every
+    symbol at least the smallest representable probability, so a symbol whose
+    count rounded to zero still codes, and hostile counts still make a valid
+    (if useless) model.
     """
     probabilities = np.asarray(counts, dtype=np.float64)
     if not probabilities.any():
         probabilities = np.ones_like(probabilities)
+    if paired(probabilities.size):
+        high = probabilities[0::2] + probabilities[1::2]
+        probabilities = np.outer(high, high).ravel()
     return _categorical(probabilities, perfect=False)
 
 
@@ -45,11 +60,31 @@ class Stream:
 
 
 def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: object | None = None) -> np.ndarray:
+    """ANS words of ``symbols`` (one coder call).
+
+    A paired stream stores the symbols' lowest bits raw (``ceil(n / 32)`` words,
+    first) and ANS-codes pairs of their high parts: the decoder then runs half
+    as many, only slightly costlier, steps (60 vs 41 M values/s measured) for
+    about 0.3% more bits, since the lowest bit of a fine grid is nearly uniform.
+    """
     if symbols.size == 0:
         return np.zeros(0, dtype=np.uint32)
+    model = model or model_from_counts(counts)
     coder = _ans()
-    coder.encode_reverse(symbols.astype(np.int32, copy=False), model or model_from_counts(counts))
-    return coder.get_compressed()
+    if not paired(len(counts)):
+        coder.encode_reverse(symbols.astype(np.int32, copy=False), model)
+        return coder.get_compressed()
+    n = symbols.size
+    sym = symbols.astype(np.int32, copy=False)
+    low = np.zeros(4 * ((n + 31) // 32), dtype=np.uint8)
+    packed = np.packbits((sym & 1).astype(np.uint8), bitorder="little")
+    low[:packed.size] = packed
+    high = sym >> 1
+    if n % 2:
+        high = np.append(high, 0)
+    pairs = high[0::2] * (len(counts) // 2) + high[1::2]
+    coder.encode_reverse(pairs.astype(np.int32, copy=False), model)
+    return np.concatenate([low.view(np.uint32), coder.get_compressed()])
 
 
 def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: object | None = None) -> np.ndarray:
@@ -57,15 +92,30 @@ def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: objec
         if words.size:
             raise StreamError("a stream of no symbols carries data")
         return np.zeros(0, dtype=np.int32)
+    model = model or model_from_counts(counts)
+    pairs = paired(len(counts))
+    low_words = (size + 31) // 32 if pairs else 0
+    if words.size < low_words:
+        raise StreamError("coded stream is shorter than its raw low bits")
     try:
-        coder = _ans(np.ascontiguousarray(words, dtype=np.uint32))
-        out = coder.decode(model or model_from_counts(counts), size)
+        coder = _ans(np.ascontiguousarray(words[low_words:], dtype=np.uint32))
+        out = coder.decode(model, (size + 1) // 2 if pairs else size)
         consumed = coder.is_empty()
     except ValueError as exc:
         raise StreamError(f"invalid coded stream: {exc}") from None
     if not consumed:
         raise StreamError("coded stream has data left over after its symbols")
-    return out
+    if not pairs:
+        return out
+    symbols = np.empty(2 * out.size, dtype=np.int32)
+    high_first, high_second = np.divmod(out, len(counts) // 2)
+    symbols[0::2] = high_first
+    symbols[1::2] = high_second
+    symbols = symbols[:size]
+    symbols <<= 1
+    low = np.ascontiguousarray(words[:low_words], dtype="<u4").view(np.uint8)
+    symbols |= np.unpackbits(low, count=size, bitorder="little")
+    return symbols
 
 
 def class_counts(symbols: np.ndarray, alphabet: int, scale: int = 255) -> np.ndarray:
