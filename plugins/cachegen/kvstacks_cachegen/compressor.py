@@ -11,7 +11,8 @@ Payload layout (little-endian), version 1::
              per part (anchors then residuals with delta coding, else one body part):
                fp16 mean [2, L, H], fp16 std [2, L, H], u32 escapes, escaped values (input dtype)
              per part coded with per-chunk tables: u8 counts for each (K/V, layer) stream
-             u32 words of every stream, then the streams' words
+             u32 words of every stream, then the streams' words (a stream of at most 64
+             symbols starts with its raw low bits, ceil(n / 32) words, see streams.encode_stream)
 
 Everything the decoder needs is in the payload and the (payload, shape, dtype)
 it is given, except a fitted table file, whose id the header names.

@@ -356,3 +356,17 @@ def test_fit_is_a_subcommand_of_kvstacks(tmp_path, sample_npz):
     result = CliRunner().invoke(cli, ["cachegen", "fit", "--kv", str(sample_npz), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_tables(out).layers == 3
+
+
+@pytest.mark.parametrize("alphabet", [4, 40, 64, 80, 256])
+@pytest.mark.parametrize("n", [1, 2, 3, 1001])
+def test_streams_round_trip_paired_or_not(alphabet, n):
+    from kvstacks_cachegen.streams import StreamError, class_counts, decode_stream, encode_stream
+
+    rng = np.random.default_rng(alphabet * n)
+    symbols = rng.integers(0, alphabet, size=n).astype(np.int32)
+    counts = class_counts(symbols, alphabet)
+    words = encode_stream(symbols, counts)
+    assert np.array_equal(decode_stream(words, n, counts), symbols)
+    with pytest.raises(StreamError):
+        decode_stream(np.concatenate([words, np.ones(3, dtype=np.uint32)]), n, counts)
