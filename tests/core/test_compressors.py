@@ -14,6 +14,7 @@ from kvstacks.testing import CompressorConformance, bits, random_key, random_kv,
 
 
 class TestNoneConformance(CompressorConformance):
+    stores_raw = True
     @pytest.fixture
     def compressor(self):
         return NoCompressor()

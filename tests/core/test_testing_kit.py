@@ -70,6 +70,7 @@ class DictBackend(InProcessBackend):
 
 
 class TestDictBackend(BackendConformance):
+    in_process = True
     large_object_bytes = 1 << 20
 
     @pytest_asyncio.fixture
@@ -222,6 +223,7 @@ class Lossy(InProcessBackend):
     def keys_now(self): return [(k, v.nbytes) for k, v in self.d.items()]
 
 class TestLossy(BackendConformance):
+    in_process = True
     large_object_bytes = 1 << 16
     @pytest_asyncio.fixture
     async def backend(self):

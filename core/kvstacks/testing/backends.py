@@ -58,15 +58,27 @@ class BackendConformance:
     list and clear what it wrote itself.
 
     Optional: define ``corrupt(self, backend, key)`` (sync or async) that damages the
-    stored bytes of ``key``; the kit then checks that a corrupt chunk is a miss.
+    stored bytes of ``key``; the kit then checks that a corrupt chunk is a miss. Set
+    ``in_process = True`` for an ``InProcessBackend`` (the kit checks you did).
     """
 
+    #: set True for an InProcessBackend: adds the thread and lease tests of its sync ``*_now`` methods
+    in_process: bool = False
     #: objects written at once by the concurrency tests
     concurrency: int = 64
     #: size of the one large object the kit stores (a 2x32x256x1024 fp16 chunk is 32 MiB)
     large_object_bytes: int = 8 << 20
     #: how much more than ``obj.nbytes`` ``keys()`` may report for one object (frame header, alignment)
     size_overhead_bytes: int = 64 << 10
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Generate only the tests that apply, so a run never shows a skip for a test that could not apply.
+        super().__init_subclass__(**kwargs)
+        if getattr(cls, "corrupt", None) is None:
+            cls.test_corrupt_chunk_is_a_miss = None  # type: ignore[assignment]
+        if not cls.in_process:
+            cls.test_threads_on_in_process_backend = None  # type: ignore[assignment]
+            cls.test_leased_object_survives_removal_and_reuse = None  # type: ignore[assignment]
 
     @pytest.fixture
     def backend(self) -> Backend:
@@ -87,6 +99,10 @@ class BackendConformance:
         if not isinstance(backend, Backend):
             pytest.fail(f"the `backend` fixture returned {type(backend).__name__}, not a kvstacks Backend",
                         pytrace=False)
+        if isinstance(backend, InProcessBackend) != self.in_process:
+            pytest.fail(f"{type(backend).__name__} {'is' if isinstance(backend, InProcessBackend) else 'is not'} an "
+                        f"InProcessBackend: set in_process = {isinstance(backend, InProcessBackend)} on "
+                        f"{type(self).__name__}", pytrace=False)
         try:
             yield backend
         finally:
@@ -262,9 +278,7 @@ class BackendConformance:
 
     @pytest.mark.asyncio
     async def test_corrupt_chunk_is_a_miss(self, kit_backend: Backend) -> None:
-        corrupt = getattr(self, "corrupt", None)
-        if corrupt is None:
-            pytest.skip("define corrupt(self, backend, key) on the test class to test corrupt data")
+        corrupt = self.corrupt  # type: ignore[attr-defined]
         key, neighbour = random_key(), random_key()
         await kit_backend.put(key, raw_obj(key, random_kv(seed=70)))
         neighbour_obj = raw_obj(neighbour, random_kv(seed=71))
@@ -321,8 +335,6 @@ class BackendConformance:
 
     @pytest.mark.asyncio
     async def test_threads_on_in_process_backend(self, kit_backend: Backend) -> None:
-        if not isinstance(kit_backend, InProcessBackend):
-            pytest.skip("only an InProcessBackend is called from several threads (*_now methods)")
         backend: InProcessBackend = kit_backend
         shared = random_key()
         shared_versions = [raw_obj(shared, random_kv(1, 16, 32, torch.float16, seed=500 + i)) for i in range(2)]
@@ -371,8 +383,6 @@ class BackendConformance:
     @pytest.mark.asyncio
     async def test_leased_object_survives_removal_and_reuse(self, kit_backend: Backend) -> None:
         """An object from ``get_now`` keeps its bytes until ``release_now``, whatever happens meanwhile."""
-        if not isinstance(kit_backend, InProcessBackend):
-            pytest.skip("leases (get_now/release_now) are an InProcessBackend contract")
         backend: InProcessBackend = kit_backend
         key = random_key()
         kv = random_kv(2, 16, 64, torch.float16, seed=600)

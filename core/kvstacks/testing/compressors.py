@@ -52,6 +52,17 @@ class CompressorConformance:
     decode_timeout_s: float = 30.0
     #: threads used by the thread-safety test
     threads: int = 4
+    #: set True for a compressor that keeps raw KV (like ``none``): its objects are not payloads
+    stores_raw: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Generate only the tests that apply, so a run never shows a skip for a test that could not apply.
+        super().__init_subclass__(**kwargs)
+        if cls.tolerance > 0:
+            cls.test_special_values_round_trip_when_lossless = None  # type: ignore[assignment]
+        if cls.stores_raw:
+            cls.test_payload_of_another_compressor_is_refused = None  # type: ignore[assignment]
+            cls.test_wrong_shape_is_refused = None  # type: ignore[assignment]
 
     @pytest.fixture
     def compressor(self) -> Compressor:
@@ -66,6 +77,14 @@ class CompressorConformance:
         if not isinstance(compressor, Compressor):
             pytest.fail(f"the `compressor` fixture returned {type(compressor).__name__}, not a kvstacks Compressor",
                         pytrace=False)
+        if compressor.lossless != (self.tolerance == 0):
+            pytest.fail(f"{compressor.name} declares lossless = {compressor.lossless}: "
+                        + ("set `tolerance` (> 0) on the test class" if not compressor.lossless
+                           else "a lossless compressor's test class must not set `tolerance`"), pytrace=False)
+        raw = compressor.encode(raw_obj(random_key(), random_kv(1, 4, 8, self.dtypes[0], seed=1))).compressor == "none"
+        if raw != self.stores_raw:
+            pytest.fail(f"{compressor.name} {'keeps' if raw else 'does not keep'} raw KV: set stores_raw = {raw} "
+                        f"on {type(self).__name__}", pytrace=False)
         return compressor
 
     # -- helpers ----------------------------------------------------------------------
@@ -170,8 +189,6 @@ class CompressorConformance:
         self.assert_decoded(kit_compressor, again.data, kv)
 
     def test_special_values_round_trip_when_lossless(self, kit_compressor: Compressor) -> None:
-        if not kit_compressor.lossless:
-            pytest.skip("NaN/inf need not survive a lossy compressor")
         for dtype in self.dtypes:
             kv = random_kv(1, 8, 16, dtype, seed=13)
             specials = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, torch.finfo(dtype).tiny / 4,
@@ -220,8 +237,6 @@ class CompressorConformance:
         self._decode_bad(kit_compressor, payload + b"\x00" * 16, shape, dtype)
 
     def test_payload_of_another_compressor_is_refused(self, kit_compressor: Compressor) -> None:
-        if kit_compressor.name == "none":
-            pytest.skip("`none` objects are decoded by every compressor (they hold raw KV)")
         key = random_key()
         stranger = MemoryObj(key, torch.zeros(64, dtype=torch.uint8), (2, 1, 4, 4), torch.float16, "kit-stranger")
         with pytest.raises(CorruptChunk):
@@ -232,8 +247,6 @@ class CompressorConformance:
         key = random_key()
         kv = random_kv(2, 16, 32, self.dtypes[0], seed=16)
         encoded = kit_compressor.encode(raw_obj(key, kv))
-        if encoded.compressor == "none":
-            pytest.skip("this compressor stores raw KV")
         lying = MemoryObj(key, encoded.data, (2, 2, 16, 64), encoded.dtype, encoded.compressor)
         self._decode_bad(kit_compressor, bytes(lying.payload()), lying.shape, lying.dtype)
         try:

@@ -13,6 +13,8 @@ from kvstacks_cpu import CpuBackend
 
 
 class TestCpuConformance(BackendConformance):
+    in_process = True
+
     @pytest.fixture
     def backend(self) -> CpuBackend:
         return CpuBackend()
