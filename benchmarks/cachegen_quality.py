@@ -199,7 +199,7 @@ def lossless_table(kv: torch.Tensor) -> None:
     reg = registry()
     print("\nLossless compressors on the same real KV (fp16, 256-token chunks)")
     print(f"{'compressor':<22}{'ratio vs fp16':>14}{'exact':>7}")
-    for name in ("cachegen-lossless", "zstd", "lz4"):
+    for name in ("zstd", "lz4"):
         if ("compressors", name) not in reg:
             continue
         c = reg.create("compressors", name)

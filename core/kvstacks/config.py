@@ -24,7 +24,6 @@ class Size(int):
 KNOWN_DISTRIBUTIONS = {
     "cpu": "kvstacks-cpu", "disk": "kvstacks-disk", "redis": "kvstacks-redis",
     "mooncake": "kvstacks-mooncake", "nixl": "kvstacks-nixl", "cachegen": "kvstacks-cachegen",
-    "cachegen-lossless": "kvstacks-cachegen",
 }
 
 TIER_KEYS = ("backend", "name", "capacity", "eviction", "eviction_options", "compressor", "compressor_options", "lossless")

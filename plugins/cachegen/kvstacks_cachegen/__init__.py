@@ -1,7 +1,8 @@
-"""kvstacks-cachegen: CacheGen-style lossy KV compression on CPU, and a lossless byte-split zstd.
+"""kvstacks-cachegen: CacheGen-style lossy KV compression on CPU.
 
-Registers the compressors ``cachegen`` (lossy) and ``cachegen-lossless``, and
-the ``kvstacks cachegen fit`` command that fits symbol tables for a model.
+Registers the compressor ``cachegen`` (lossy) and the ``kvstacks cachegen fit``
+command that fits symbol tables for a model. The lossless option is core's
+``zstd`` compressor (byte planes plus zstd), so it is not repeated here.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ hookimpl = pluggy.HookimplMarker("kvstacks")
 @hookimpl
 def register_compressors(register) -> None:
     from kvstacks_cachegen.compressor import CacheGenCompressor
-    from kvstacks_cachegen.lossless import ByteSplitZstdCompressor
-
     register(CacheGenCompressor)
-    register(ByteSplitZstdCompressor)
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""cachegen and cachegen-lossless: error bounds, exact parts, hostile bytes, tables, config."""
+"""cachegen: error bounds, exact parts, hostile bytes, tables, config."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from kvstacks.plugins import registry
 from kvstacks.testing import random_kv
 from kvstacks_cachegen.cli import cachegen as cachegen_cli
 from kvstacks_cachegen.compressor import LEVELS, CacheGenCompressor, layer_bins
-from kvstacks_cachegen.lossless import ByteSplitZstdCompressor
 from kvstacks_cachegen.tables import load_tables
 
 
@@ -212,17 +211,6 @@ def test_truncation_and_header_lies_are_corrupt_chunk():
         CODER.decompress(memoryview(bytes(lie)), SHAPE, DTYPE)
 
 
-def test_lossless_refuses_a_zip_bomb_header():
-    import zstandard
-
-    c = ByteSplitZstdCompressor()
-
-    bomb = zstandard.ZstdCompressor().compress(b"\0" * 10_000_000)
-    payload = b"KVBS" + struct.pack("<BB", 1, 2) + struct.pack("<2I", len(bomb), len(bomb)) + bomb + bomb
-    with pytest.raises(CorruptChunk, match="declares"):
-        c.decompress(memoryview(payload), (2, 1, 2, 2), torch.float16)
-
-
 # ---- tables ----
 
 @pytest.fixture
@@ -323,7 +311,7 @@ def test_bad_options_name_the_option(options, field):
 def test_registered_with_declared_losslessness():
     reg = registry()
     assert reg.get("compressors", "cachegen") is CacheGenCompressor and not CacheGenCompressor.lossless
-    assert reg.get("compressors", "cachegen-lossless") is ByteSplitZstdCompressor and ByteSplitZstdCompressor.lossless
+    assert reg.get("compressors", "zstd").lossless  # the lossless option lives in core
 
 
 def test_lossless_tier_refuses_cachegen_at_config_time():
@@ -337,8 +325,8 @@ def test_lossless_tier_refuses_cachegen_at_config_time():
     with pytest.raises(ConfigError, match="lossy") as info:
         parse_stack({"stack": [dict(tier, compressor="cachegen")]})
     assert info.value.path == "stack[0].compressor"
-    cfg = parse_stack({"stack": [dict(tier, compressor="cachegen-lossless")]})
-    assert cfg.stack[0].compressor == "cachegen-lossless"
+    cfg = parse_stack({"stack": [dict(tier, compressor="zstd")]})
+    assert cfg.stack[0].compressor == "zstd"
     cfg = parse_stack({"stack": [{"backend": backend, "compressor": "cachegen",
                                   "compressor_options": {"level": "low", "bins": [32, 16, 16]}}]})
     assert cfg.stack[0].compressor_options.bins == [32, 16, 16]

@@ -7,7 +7,6 @@ import pytest
 from kvstacks.testing import CompressorConformance, random_kv
 from kvstacks_cachegen.cli import fit_tables
 from kvstacks_cachegen.compressor import CacheGenCompressor
-from kvstacks_cachegen.lossless import ByteSplitZstdCompressor
 
 
 class TestCacheGenDefault(CompressorConformance):
@@ -41,14 +40,6 @@ class TestCacheGenFittedTables(CompressorConformance):
         path = tmp_path / "tables.json"
         tables.save(path)
         return CacheGenCompressor(CacheGenCompressor.Options(tables=path))
-
-
-class TestCacheGenLossless(CompressorConformance):
-    tolerance = 0.0
-
-    @pytest.fixture
-    def compressor(self):
-        return ByteSplitZstdCompressor()
 
 
 def test_fitted_kit_payload_uses_tables(tmp_path):
