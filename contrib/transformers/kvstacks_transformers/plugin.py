@@ -19,7 +19,7 @@ def register_cli_commands(cli: click.Group) -> None:
 @click.option("--repeats", default=1, show_default=True,
               help="Cold runs (each recomputes the whole prompt); warm modes run max(3, repeats) times. Medians.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of the disk tier (default: a temporary folder, removed afterwards).")
+              help="Folder of the disk tier, emptied by the demo (default: a temporary folder, removed afterwards).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON line, last.")
 def demo(prompt_tokens: int, repeats: int, cache_dir: Path | None, as_json: bool) -> None:
     """Time to first token with a real model: cold, warm from CPU, warm from disk.
