@@ -314,6 +314,13 @@ class Tier:
             raise
         self.stats.bytes_written += encoded.nbytes
         self.write_seconds.observe(time.perf_counter() - started)
+        if key not in self.index:
+            # Evicted or removed by a concurrent writer while this put was in flight: its
+            # removal may have run before the put landed, so remove it now or it would leak.
+            try:
+                await self.backend.remove(key)
+            except Exception as exc:
+                log.warning("tier %s: could not remove a chunk evicted during its write: %s", self.name, exc)
         for victim, _ in victims:
             try:
                 await self.backend.remove(victim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class RemoteDictBackend(Backend):
     class Options:
         store: str = "default"
         delay: float = 0.0
+        jitter: bool = False  # each put waits a random part of ``delay``, so writes finish out of order
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -63,6 +65,7 @@ class RemoteDictBackend(Backend):
         self.down = False
         self.puts = 0
         self.released = 0
+        self._rng = random.Random(7)
 
     def _check(self):
         if self.down:
@@ -70,7 +73,7 @@ class RemoteDictBackend(Backend):
 
     async def put(self, key, obj):
         self._check()
-        await asyncio.sleep(self.options.delay)
+        await asyncio.sleep(self.options.delay * (self._rng.random() if self.options.jitter else 1))
         self.puts += 1
         self.data[key] = MemoryObj(key, obj.data.clone(), obj.shape, obj.dtype, obj.compressor)
 

@@ -355,3 +355,19 @@ def test_objects_read_from_lower_tiers_are_released_after_promotion():
         e.offloader.drain(5)  # promotion into the middle tier holds the lease until written
         assert far.released == 3
         assert e.lookup_tiers(tokens) == {"test-dict": 48, "test-remote": 48, "far": 48}
+
+
+def test_concurrent_offloads_under_eviction_leave_no_orphans_in_the_store():
+    # Two writers: a chunk can be chosen as a victim while its own write is still in flight.
+    STORES.pop("orphans", None)
+    chunk = 2 * LAYERS * 16 * HIDDEN * 2
+    stack = [{"backend": "test-dict"},
+             {"backend": "test-remote", "store": "orphans", "delay": 0.02, "jitter": True,
+              "capacity": 2 * chunk}]
+    with make(stack, offload={"workers": 4}) as e:
+        for i in range(8):
+            e.store([i] * 64, kv_for(64, seed=i))
+        assert e.offloader.drain(10)
+        held = e.keys("test-remote")["test-remote"]
+        assert len(held) == 2
+        assert set(STORES["orphans"]) == set(held)
