@@ -192,7 +192,8 @@ def render(lengths: list[dict], chat: list[dict], repeats: int, chunk_size: int)
              "x: median over rounds of cold / warm, each round's runs made back to back",
              f"chunk_size {chunk_size}", ""]
     head = f"{'tokens':>7}{'KV MiB':>8}{'cold s':>9}" + "".join(f"{c + ' s':>14}{'x':>7}" for c in cases)
-    lines.append(head)
+    if lengths:
+        lines.append(head)
     for r in lengths:
         cells = f"{r['prompt_tokens']:>7}{r['kv_bytes'] / 2**20:>8.1f}{r['ttft_s']['cold']:>9.3f}"
         for c in cases:
