@@ -188,8 +188,9 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "bytes stored per tier:"]
     for tier, nbytes in result["stored_bytes"].items():
         lines.append(f"  {tier:<10}{nbytes / 2**20:>10.1f} MiB")
-    lines.append(f"  ({result['kv_bytes_per_token']:,} bytes of KV a token; storing the cold run's KV took "
-                 f"{result['store_s']:.3f}s after its first token, lower tiers written in the background)")
+    lines.append(f"  ({result['kv_bytes_per_token']:,} bytes of KV a token)")
+    lines.append(f"storing the cold run's KV took {result['store_s']:.3f}s, after its first token "
+                 "(lower tiers are written in the background)")
     same = "yes" if result["same_first_token"] else "NO"
     lines.append(f"\nfirst token {result['first_token']!r}, the same in every run: {same}")
     return "\n".join(lines)
