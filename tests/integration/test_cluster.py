@@ -412,9 +412,11 @@ def test_sigkilled_worker_goes_unhealthy_and_a_failed_move_keeps_the_source(clus
 def test_worker_coming_back_rejoins(cluster):
     cluster.start_worker("lmcache_instance_2", [LONG_PROMPT[:20]], seed=2)
     cluster.worker_ready("lmcache_instance_2")
+    # Reports arrive in batches (a resync of what the worker found on disk, then its new store):
+    # wait for the whole prompt rather than for the first report.
     layout = cluster.wait(
-        lambda: (lay := cluster.lookup(LONG_PROMPT)).get("lmcache_instance_2") and lay,
-        "restarted worker indexed",
+        lambda: (lay := cluster.lookup(LONG_PROMPT)).get("lmcache_instance_2", [None, 0])[1] == 20 and lay,
+        "restarted worker indexed with its whole prompt",
     )
     assert layout["lmcache_instance_2"][1] == 20
 
