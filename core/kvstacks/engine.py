@@ -617,13 +617,17 @@ class CacheEngine:
         if self._closed:
             raise InvalidInput("this engine is closed; create a new CacheEngine")
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write to the lower tiers is done; False on timeout."""
+        return self.offloader.drain(timeout)
+
     def close(self, timeout: float = 30.0) -> None:
         """Wait for pending offloads (up to ``timeout`` s), then close every backend."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        if not self.offloader.drain(timeout):
+        if not self.flush(timeout):
             log.warning("closing with offloads still pending after %.0f s; they are dropped", timeout)
         try:
             pm.hook.kvstacks_shutdown(engine=self)

@@ -73,7 +73,7 @@ def warm_up(model: Any) -> None:
 
 def wait_for_offloads(engine: Any, timeout: float = 120.0) -> None:
     """Block until the writes queued for lower tiers are done."""
-    if not engine.offloader.drain(timeout):
+    if not engine.flush(timeout):
         raise RuntimeError(f"offloads to the lower tiers did not finish in {timeout:.0f} s")
 
 
