@@ -18,6 +18,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,19 @@ def _split_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise TransferError(f"transfer address must be host:port, got {address!r}")
     return host.strip("[]"), int(port)
+
+
+def _drain(sock: socket.socket, limit: int = 64 << 20, seconds: float = 2.0) -> None:
+    """After a refusal, read and drop what the sender still sends (bounded), so closing does
+    not reset the connection before the sender has read the answer."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    while limit > 0 and time.monotonic() < deadline:
+        chunk = sock.recv(min(limit, 1 << 20))
+        if not chunk:
+            return
+        limit -= len(chunk)
 
 
 class TcpChannel(TransferChannel):
@@ -136,6 +150,8 @@ class TcpChannel(TransferChannel):
         data = json.dumps(answer).encode()
         try:
             sock.sendall(_LEN32.pack(len(data)) + data)
+            if not answer["ok"]:
+                _drain(sock)
         except OSError:
             pass
 
@@ -156,12 +172,15 @@ class TcpChannel(TransferChannel):
         meta_bytes = json.dumps(head).encode()
         try:
             with socket.create_connection((host, port), timeout=timeout) as sock:
-                sock.sendall(_HEAD.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes)
-                for obj in objs:
-                    parts = frame.encode_parts(obj)
-                    sock.sendall(_LEN64.pack(sum(len(p) for p in parts)))
-                    for part in parts:
-                        sock.sendall(part)
+                try:
+                    sock.sendall(_HEAD.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes)
+                    for obj in objs:
+                        parts = frame.encode_parts(obj)
+                        sock.sendall(_LEN64.pack(sum(len(p) for p in parts)))
+                        for part in parts:
+                            sock.sendall(part)
+                except OSError:
+                    pass  # a receiver that refused stops reading; its answer says why
                 (size,) = _LEN32.unpack(_read_exact(sock, _LEN32.size))
                 if size > MAX_ANSWER:
                     raise TransferError(f"receiver answered {size} bytes; not a kvstacks tcp receiver?")
