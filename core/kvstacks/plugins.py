@@ -60,13 +60,7 @@ failures: list[PluginFailure] = []
 
 def _load_builtins() -> None:
     for name in DEFAULT_PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # a builtin a later change has not written yet
-            raise
-        pm.register(module, name=name)
+        pm.register(importlib.import_module(name), name=name)
 
 
 def _load_entry_points() -> None:
