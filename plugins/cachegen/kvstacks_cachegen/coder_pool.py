@@ -1,33 +1,60 @@
 """Coder worker processes, so two chunks' (or one chunk's) streams code at once.
 
-Message to a worker: ``u64 length`` then ``u8 op, u32 streams``, per stream
-``u16 alphabet, u32 symbols, u32 words``, per stream ``alphabet x u16`` counts,
-then the data (symbols as bytes to encode, or words to decode). Reply:
-``u64 length`` then ``u8 status`` (0 ok) and the words (after ``streams x u32``
-word counts) or the symbols; on error, a message.
-
-Workers are borrowed without waiting: when none is idle the caller codes in
-its own thread, so the pool never blocks or deadlocks a caller.
+Each worker shares a file with this process (the arena, see
+:mod:`kvstacks_cachegen.coder_worker`): a job's inputs are written there, the
+worker writes its outputs there, and the pipes carry only job descriptions
+and replies. Workers are borrowed without waiting: when none is idle the
+caller codes in its own thread, so the pool never blocks or deadlocks a caller.
 """
 
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import queue
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
 
-from kvstacks_cachegen.coder_worker import ENCODE, STREAM_HEAD, read_exact
-from kvstacks_cachegen.streams import Stream, StreamError
+from kvstacks_cachegen.coder_worker import DID_NOT_FIT, JOB_HEAD, STREAM_HEAD, read_exact
+from kvstacks_cachegen.streams import ENCODE, Stream, StreamError
+
+ALIGN = 64
 
 
 class WorkerFailed(RuntimeError):
     """A worker process died or broke protocol; its job must be redone or failed."""
+
+
+def _shared_file() -> int:
+    """A file descriptor for an anonymous file in memory (a plain temp file where there is no memfd)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("kvstacks-cachegen-arena", os.MFD_CLOEXEC)
+    with tempfile.TemporaryFile() as handle:
+        return os.dup(handle.fileno())
+
+
+def _layout(op: int, streams: list[Stream]) -> tuple[list[tuple[int, int, int]], int]:
+    """(input offset, output offset, output capacity) of each stream in the arena, and its size."""
+    places, end = [], 0
+    for s in streams:
+        if op == ENCODE:
+            size_in = s.size
+            # Worst case for our counts: 16 bits a symbol, plus the raw low bits.
+            capacity = 2 * s.size + 4 * ((s.size + 31) // 32) + 64
+        else:
+            size_in = s.words.nbytes
+            capacity = s.size * s.dequant.dtype.itemsize
+        at_in = end
+        at_out = -(-(at_in + size_in) // ALIGN) * ALIGN
+        end = -(-(at_out + capacity) // ALIGN) * ALIGN
+        places.append((at_in, at_out, capacity))
+    return places, end
 
 
 class CoderWorker:
@@ -35,24 +62,50 @@ class CoderWorker:
         env = dict(os.environ)
         # One coder is single-threaded; keep numpy's BLAS from spawning threads in it.
         env.setdefault("OMP_NUM_THREADS", "1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstacks_cachegen.coder_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
-        )
+        self.fd = _shared_file()
+        self.size = 0
+        self.map: mmap.mmap | None = None
+        self.places: list[tuple[int, int, int]] = []
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kvstacks_cachegen.coder_worker", str(self.fd)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env, pass_fds=(self.fd,),
+            )
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def _arena(self, size: int) -> np.ndarray:
+        if size > self.size:
+            size = max(size, 2 * self.size, 1 << 20)
+            os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size)
+            self.size = size
+        return np.frombuffer(self.map, dtype=np.uint8)
 
     def send(self, op: int, streams: list[Stream]) -> None:
-        head = [struct.pack("<BI", op, len(streams))]
-        for s in streams:
-            words = 0 if op == ENCODE else len(s.words)
-            head.append(STREAM_HEAD.pack(len(s.counts), s.size, words))
-        for s in streams:
-            head.append(np.asarray(s.counts, dtype="<u2").tobytes())
-        body = [s.symbols.astype(np.uint8) if op == ENCODE else s.words for s in streams]
-        length = sum(len(h) for h in head) + sum(b.nbytes for b in body)
+        self.places, end = _layout(op, streams)
         try:
-            self.proc.stdin.write(struct.pack("<Q", length) + b"".join(head))
-            for b in body:
-                self.proc.stdin.write(memoryview(np.ascontiguousarray(b)).cast("B"))
+            space = self._arena(end)
+        except OSError as exc:
+            raise WorkerFailed(f"cannot grow the coder arena to {end} bytes: {exc}") from None
+        head = [JOB_HEAD.pack(op, len(streams), self.size)]
+        tail = []
+        for s, (at_in, at_out, capacity) in zip(streams, self.places):
+            if op == ENCODE:
+                space[at_in:at_in + s.size] = s.symbols
+                head.append(STREAM_HEAD.pack(len(s.counts), s.size, 0, at_in, at_out, capacity, 0, 0, 0, 0.0))
+                tail.append(np.asarray(s.counts, dtype="<u2").tobytes())
+            else:
+                d = s.dequant
+                space[at_in:at_in + s.words.nbytes] = s.words.view(np.uint8)
+                head.append(STREAM_HEAD.pack(len(s.counts), s.size, s.words.size, at_in, at_out, capacity,
+                                             d.mean16.size, d.channels_last, d.dtype.itemsize == 4, d.clip))
+                tail += [np.asarray(s.counts, dtype="<u2").tobytes(), np.asarray(d.mean16, dtype="<f2").tobytes(),
+                         np.asarray(d.std16, dtype="<f2").tobytes()]
+        message = b"".join(head + tail)
+        try:
+            self.proc.stdin.write(struct.pack("<Q", len(message)) + message)
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise WorkerFailed(f"coder worker is gone: {exc}") from None
 
@@ -66,17 +119,22 @@ class CoderWorker:
             raise WorkerFailed("coder worker reply was cut short")
         if reply[0] != 0:
             raise StreamError(reply[1:].decode(errors="replace"))
-        pos = 1
-        if op == ENCODE:
-            sizes = struct.unpack_from(f"<{len(streams)}I", reply, pos)
-            pos += 4 * len(streams)
-            for s, n in zip(streams, sizes):
-                s.words = np.frombuffer(reply, dtype="<u4", count=n, offset=pos)
-                pos += 4 * n
-        else:
-            for s in streams:
-                s.symbols = np.frombuffer(reply, dtype=np.uint8, count=s.size, offset=pos)
-                pos += s.size
+        results = struct.unpack_from(f"<{len(streams)}I", reply, 1)
+        pos = 1 + 4 * len(streams)
+        space = np.frombuffer(self.map, dtype=np.uint8)
+        for s, n, (_, at_out, _) in zip(streams, results, self.places):
+            if op == ENCODE:
+                if n != DID_NOT_FIT:
+                    s.words = space[at_out:at_out + 4 * n].view("<u4").copy()
+                continue
+            values = space[at_out:at_out + s.size * s.dequant.dtype.itemsize].view(s.dequant.dtype)
+            if s.out is None:
+                s.values = values.copy().reshape(s.dequant.shape(s.size))
+            else:
+                np.copyto(s.out, values.reshape(s.out.shape))
+                s.values = s.out
+            s.escapes = np.frombuffer(reply, dtype="<u4", count=n, offset=pos)
+            pos += 4 * n
 
     def close(self) -> None:
         try:
@@ -88,6 +146,11 @@ class CoderWorker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.map = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 class CoderPool:
@@ -165,19 +228,22 @@ def default_workers() -> int:
     return max(0, min(cpus - 1, 4))
 
 
+#: the caller's share of a split, relative to a worker's: it also places values and escapes
+CALLER_SHARE = 0.9
+
+
 def run_split(op: int, streams: list[Stream], workers: list[CoderWorker], here) -> set[int]:
     """Code ``streams``: a share to each borrowed worker, the rest with ``here(stream)``
     in this thread, all at once. Returns ids of workers that failed (their
     streams are left uncoded for the caller to redo or to fail)."""
-    total = sum(s.size for s in streams) or 1
     shares: list[list[Stream]] = [[] for _ in range(len(workers) + 1)]
-    # Greedy by size, largest first, onto the least loaded share.
-    loads = [0] * len(shares)
+    weights = [CALLER_SHARE] + [1.0] * len(workers)
+    loads = [0.0] * len(shares)
+    # Greedy by size, largest first, onto the share that finishes first.
     for s in sorted(streams, key=lambda s: -s.size):
-        i = loads.index(min(loads))
+        i = min(range(len(shares)), key=lambda i: (loads[i] + s.size) / weights[i])
         shares[i].append(s)
         loads[i] += s.size
-    del total
     failed: set[int] = set()
     sent = []
     for w, share in zip(workers, shares[1:]):

@@ -35,16 +35,16 @@ from kvstacks.compression import Compressor
 from kvstacks.errors import ConfigError, CorruptChunk
 
 from kvstacks_cachegen import coder_pool
-from kvstacks_cachegen.coder_worker import DECODE, ENCODE
 from kvstacks_cachegen.payload import Reader, Writer
-from kvstacks_cachegen.quantize import STAT_LIMIT, dequantize, quantize
+from kvstacks_cachegen.quantize import Dequant, Uncodable, dequantize_block, quantize
 from kvstacks_cachegen.streams import (
+    DECODE,
+    ENCODE,
     Stream,
     StreamError,
     class_counts,
-    decode_stream,
-    encode_stream,
     model_from_counts,
+    run,
 )
 from kvstacks_cachegen.tables import Tables, load_tables
 
@@ -192,7 +192,7 @@ class CacheGenCompressor(Compressor):
                         "coding with per-chunk tables", t.layers, t.hidden, layers, hidden)
         return False
 
-    def quantized_parts(self, x: np.ndarray, bins: list[int], n_sink: int):
+    def quantized_parts(self, x: np.ndarray, bins: list[int], n_sink: int, work: np.dtype = np.float32):
         """Yield ``(last, token index or None, bins, Quantized)`` for each non-empty coded part.
 
         With delta coding, anchors come first (at twice the bins) and the rest
@@ -216,7 +216,8 @@ class CacheGenCompressor(Compressor):
                 block = block - anchors_hat[:, :, index // anchor_every]
             q = quantize(block, part_bins, self.clip)
             if p == 0:
-                anchors_hat, _ = dequantize(q.symbols, q.mean, q.std, part_bins, self.clip)
+                # The anchors exactly as the decoder will rebuild them, in its working dtype.
+                anchors_hat = dequantize_block(q, part_bins, self.clip, work).astype(np.float32)
                 anchors_hat[q.escapes] = block[q.escapes]
             yield last, index, part_bins, q
 
@@ -233,12 +234,19 @@ class CacheGenCompressor(Compressor):
         _, layers, tokens, hidden = kv.shape
         raw = kv.view(torch.int16 if code != 3 else torch.int32).numpy()
         x = kv.numpy() if code == 3 else kv.float().numpy()
+        if x.size:
+            try:
+                return self._compress_coded(x, raw, code)
+            except Uncodable:
+                pass  # non-finite or huge values: keep the chunk exact
         out = Writer()
-        finite = bool(np.isfinite(x).all()) and (x.size == 0 or float(np.abs(x).max()) < STAT_LIMIT)
-        if not finite or x.size == 0:
-            out.pack(HEADER.format, MAGIC, VERSION, MODE_RAW, code, 0, layers, tokens, hidden, bytes(8), 0, 0, 0.0)
-            out.add(raw)
-            return out.getvalue()
+        out.pack(HEADER.format, MAGIC, VERSION, MODE_RAW, code, 0, layers, tokens, hidden, bytes(8), 0, 0, 0.0)
+        out.add(raw)
+        return out.getvalue()
+
+    def _compress_coded(self, x: np.ndarray, raw: np.ndarray, code: int) -> bytearray:
+        _, layers, tokens, hidden = x.shape
+        out = Writer()
         bins = self.bins_for(layers)
         n_sink = self.sink_count(x)
         anchor_every = self.options.anchor_every
@@ -251,7 +259,8 @@ class CacheGenCompressor(Compressor):
         out.add(np.ascontiguousarray(raw[:, :, :n_sink]))
         streams: list[Stream] = []
         counts_sections = []
-        halves = self._halves(lambda k: self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled), x.size)
+        work = np.dtype(np.float16 if code == 1 else np.float32)
+        halves = self._halves(lambda k: self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled, work), x.size)
         for (last, qk, esc_k, streams_k), (_, qv, esc_v, streams_v) in zip(*halves):
             out.add(qk.mean)
             out.add(qv.mean)
@@ -281,11 +290,12 @@ class CacheGenCompressor(Compressor):
             return [fn(0), fn(1)]
         return list(_numpy_threads().map(fn, (0, 1)))
 
-    def _encode_half(self, x: np.ndarray, raw: np.ndarray, bins: list[int], n_sink: int, tabled: bool) -> list:
+    def _encode_half(self, x: np.ndarray, raw: np.ndarray, bins: list[int], n_sink: int, tabled: bool,
+                     work: np.dtype) -> list:
         """Quantize K or V ([1, L, T, H]); per part: (last, Quantized, escaped raw values, streams or None)."""
         body_raw = raw[:, :, n_sink:]
         results = []
-        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink):
+        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink, work):
             part_raw = body_raw if index is None else body_raw[:, :, index]
             streams = None if (last and tabled) else self._layer_streams(q.symbols, part_bins)
             results.append((last, q, part_raw[q.escapes], streams))
@@ -310,11 +320,7 @@ class CacheGenCompressor(Compressor):
         table_models = {id(c): m for c, m in zip(self.tables.classes, self.tables.models)} if self.tables else {}
 
         def here(s: Stream) -> None:
-            model = table_models.get(id(s.counts)) or models.setdefault(id(s.counts), model_from_counts(s.counts))
-            if op == ENCODE:
-                s.words = encode_stream(s.symbols, s.counts, model)
-            else:
-                s.symbols = decode_stream(s.words, s.size, s.counts, model)
+            run(op, s, table_models.get(id(s.counts)) or models.setdefault(id(s.counts), model_from_counts(s.counts)))
 
         total = sum(s.size for s in streams)
         pool = self.pool
@@ -329,13 +335,12 @@ class CacheGenCompressor(Compressor):
         finally:
             for w in workers:
                 pool.give_back(w, healthy=id(w) not in failed)
-        if failed:
-            if op == DECODE:
-                # A worker died on these bytes; decoding them here could take this process down too.
-                raise CorruptChunk("cachegen coder worker died while decoding this chunk")
-            for s in streams:
-                if s.words is None:
-                    here(s)
+        if failed and op == DECODE:
+            # A worker died on these bytes; decoding them here could take this process down too.
+            raise CorruptChunk("cachegen coder worker died while decoding this chunk")
+        for s in streams:
+            if s.words is None:  # its worker died, or its words outgrew the worker's room
+                here(s)
 
     # ---- decode ----
 
@@ -385,90 +390,97 @@ class CacheGenCompressor(Compressor):
             n = index.size
             mean = r.array("<f2", 2 * layers * hidden, "means").reshape(2, layers, hidden)
             std = r.array("<f2", 2 * layers * hidden, "stds").reshape(2, layers, hidden)
+            if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()):
+                raise CorruptChunk("cachegen payload has statistics no encoder writes (not finite or negative)")
             (n_esc,) = r.unpack("<I", "escape count")
             if n_esc > 2 * layers * n * hidden:
                 raise CorruptChunk("cachegen payload claims more escapes than values")
             esc = raw_to_float(r.array(RAW_NUMPY[code], n_esc, "escaped values"), code)
             part_bins = bins if p == len(all_parts) - 1 else [min(2 * b, 256) for b in bins]
             metas.append((p == len(all_parts) - 1, index, n, mean, std, esc, part_bins))
-        streams_by_part = []
+        # fp16 output is written directly; bf16 goes through float32 (numpy has no bf16)
+        work = np.dtype(np.float16 if code == 1 else np.float32)
+        out = np.empty((2, layers, tokens, hidden), dtype=work)
+        one_part = len(all_parts) == 1
+        blocks, streams_by_part = [], []
         for last, index, n, mean, std, esc, part_bins in metas:
+            # A single untabled part decodes straight into ``out``; others are placed after.
+            block = out[:, :, n_sink:] if one_part and not (last and tabled) else \
+                np.empty((2, layers, n, hidden), dtype=work)
+            blocks.append(block)
             if last and tabled:
                 t = self.tables
-                streams_by_part.append([Stream(t.classes[c], size=rows.size * n) for c, rows in enumerate(t.class_rows)])
+                part = [Stream(t.classes[c], size=rows.size * n,
+                               dequant=Dequant(mean.reshape(-1)[rows], std.reshape(-1)[rows], len(t.classes[c]),
+                                               clip, False, work))
+                        for c, rows in enumerate(t.class_rows)]
             else:
-                part = []
-                for k in range(2):
-                    for layer, b in enumerate(part_bins):
-                        part.append(Stream(None, size=n * hidden))
-                streams_by_part.append(part)
-        for (last, _, _, _, _, _, part_bins), part in zip(metas, streams_by_part):
+                part = [Stream(None, size=n * hidden, out=block[k, layer],
+                               dequant=Dequant(mean[k, layer], std[k, layer], b, clip, True, work))
+                        for k in range(2) for layer, b in enumerate(part_bins)]
+            streams_by_part.append(part)
+        for (last, *_), part in zip(metas, streams_by_part):
             if last and tabled:
                 continue
-            for i, s in enumerate(part):
-                b = part_bins[i % layers]
-                s.counts = r.array(np.uint8, b, "stream tables")
+            for s in part:
+                s.counts = r.array(np.uint8, s.dequant.bins, "stream tables")
         streams = [s for part in streams_by_part for s in part]
         words = r.array("<u4", len(streams), "stream sizes")
         if int(words.astype(np.int64).sum()) * 4 != r.remaining():
             raise CorruptChunk("cachegen stream sizes do not match the payload length")
         for s, w in zip(streams, words.tolist()):
-            s.words = r.array("<u4", w, "stream").copy()
+            s.words = r.array("<u4", w, "stream")
         r.done()
         try:
             self._code(DECODE, streams)
         except StreamError as exc:
             raise CorruptChunk(f"cachegen stream is corrupt: {exc}") from None
-        # fp16 output is written directly; bf16 goes through float32 (numpy has no bf16)
-        out = np.empty((2, layers, tokens, hidden), dtype=np.float16 if code == 1 else np.float32)
         out[:, :, :n_sink] = raw_to_float(sink_raw, code).reshape(2, layers, n_sink, hidden)
-        full_rows = [self._table_rows(part, layers, hidden, meta[2]) if meta[0] and tabled else None
-                     for meta, part in zip(metas, streams_by_part)]
-
-        def symbols_of(k: int) -> list[tuple[np.ndarray, int]]:
-            found = []
-            for (last, index, n, mean, std, esc, part_bins), part, rows in zip(metas, streams_by_part, full_rows):
-                if rows is not None:
-                    sym = rows[k:k + 1]
-                else:
-                    sym = np.empty((layers, n * hidden), dtype=np.int32)
-                    for row, st in zip(sym, part[k * layers:(k + 1) * layers]):
-                        row[:] = st.symbols
-                    sym = sym.reshape(1, layers, n, hidden)
-                escape = (np.asarray(part_bins, dtype=np.int32) - 1).reshape(1, -1, 1, 1)
-                found.append((sym, int(np.count_nonzero(sym == escape))))
-            return found
-
-        found = self._halves(symbols_of, count)
-        for p, (meta, (_, nk), (_, nv)) in enumerate(zip(metas, *found)):
-            if nk + nv != meta[5].size:
-                raise CorruptChunk("cachegen escape count does not match the coded symbols")
-
-        def rebuild(k: int) -> None:
-            anchors_hat = None
-            for p, (last, index, n, mean, std, esc, part_bins) in enumerate(metas):
-                sym, n_esc = found[k][p]
-                values, escapes = dequantize(sym, mean[k:k + 1], std[k:k + 1], part_bins, clip)
-                if anchors_hat is not None:
-                    values += anchors_hat[:, :, index // anchor_every]
-                first = 0 if k == 0 else found[0][p][1]
-                values[escapes] = esc[first:first + n_esc]
-                if len(all_parts) == 2 and index is all_parts[0]:
-                    anchors_hat = values
-                if len(all_parts) == 1:
-                    out[k:k + 1, :, n_sink:] = values
-                else:
-                    out[k:k + 1, :, n_sink + index] = values
-
-        self._halves(rebuild, count)
+        anchors_hat = None
+        for (last, index, n, mean, std, esc, part_bins), part, block in zip(metas, streams_by_part, blocks):
+            if last and tabled:
+                positions = self._place_table_streams(part, block)
+            else:
+                positions = None
+            if anchors_hat is not None:
+                block += anchors_hat[:, :, index // anchor_every]
+            self._fill_escapes(part, block, positions, esc)
+            if not one_part:
+                if index is all_parts[0]:
+                    anchors_hat = block
+                out[:, :, n_sink + index] = block
+            elif last and tabled:
+                out[:, :, n_sink:] = block
         return torch.from_numpy(out) if code != 2 else torch.from_numpy(out).to(dtype)
 
-    def _table_rows(self, part: list[Stream], layers: int, hidden: int, n: int) -> np.ndarray:
-        """Symbols of a tables-coded part as [2, L, n, H]."""
-        rows = np.empty((2 * layers * hidden, n), dtype=np.int32)
+    def _place_table_streams(self, part: list[Stream], block: np.ndarray) -> np.ndarray:
+        """Put tables-coded streams ([rows of a class, n]) into ``block`` [2, L, n, H];
+        return their escapes' positions in ``block``, in order."""
+        _, layers, n, hidden = block.shape
+        rows = np.empty((2 * layers * hidden, n), dtype=block.dtype)
+        positions = []
         for s, r_idx in zip(part, self.tables.class_rows):
-            rows[r_idx] = s.symbols.reshape(r_idx.size, n)
-        return np.ascontiguousarray(rows.reshape(2, layers, hidden, n).transpose(0, 1, 3, 2))
+            rows[r_idx] = s.values
+            row, token = np.divmod(s.escapes.astype(np.int64), n)
+            row = r_idx[row]
+            positions.append(((row // hidden) * n + token) * hidden + row % hidden)
+        block[...] = rows.reshape(2, layers, hidden, n).transpose(0, 1, 3, 2)
+        return np.sort(np.concatenate(positions)) if positions else np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def _fill_escapes(part: list[Stream], block: np.ndarray, positions: np.ndarray | None, esc: np.ndarray) -> None:
+        """Overwrite escaped values with the exact ones, which the payload lists in block order."""
+        found = positions.size if positions is not None else sum(s.escapes.size for s in part)
+        if found != esc.size:
+            raise CorruptChunk(f"cachegen payload lists {esc.size} escaped values, its streams code {found}")
+        if positions is not None:
+            block.flat[positions] = esc
+            return
+        first = 0
+        for s in part:
+            if s.escapes.size:
+                s.values.flat[s.escapes] = esc[first:first + s.escapes.size]
+                first += s.escapes.size
 
 
 _pool_lock = threading.Lock()

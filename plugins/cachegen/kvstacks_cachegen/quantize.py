@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: fp16 statistics must stay finite; inputs beyond this are stored raw.
-STAT_LIMIT = 6.0e4
+
+class Uncodable(ValueError):
+    """A block whose statistics are not finite in fp16 (non-finite or huge inputs): store it raw."""
 
 
 @dataclass
@@ -32,20 +33,22 @@ def layer_half_widths(bins: list[int]) -> np.ndarray:
     return (np.asarray(bins, dtype=np.float32) // 2 - 1).reshape(1, -1, 1, 1)
 
 
-def steps(std16: np.ndarray, clip: float, half_widths: np.ndarray) -> np.ndarray:
-    """Step sizes [2, L, 1, H] from fp16 stds; a zero std gets a tiny step so its
-    values quantize to the mean (exact) or escape (exact)."""
-    std = std16.astype(np.float32)[:, :, None, :]
-    step = std * np.float32(clip) / half_widths
+def steps(std16: np.ndarray, clip: float, half_widths: np.ndarray | np.float32) -> np.ndarray:
+    """Step sizes from fp16 stds (broadcast against ``half_widths``); a zero std
+    gets a tiny step so its values quantize to the mean (exact) or escape (exact).
+    Encoder and decoder both get their steps here, so they agree to the bit."""
+    step = std16.astype(np.float32) * np.float32(clip) / half_widths
     return np.maximum(step, np.float32(1e-30))
 
 
 def quantize(x: np.ndarray, bins: list[int], clip: float) -> Quantized:
-    """``x`` float32 [2, L, n, H] with n >= 1, all finite and below ``STAT_LIMIT``."""
+    """``x`` float32 [2, L, n, H] with n >= 1; :class:`Uncodable` if its means or stds are not finite in fp16."""
     mean16 = x.mean(axis=2).astype(np.float16)
     std16 = x.std(axis=2).astype(np.float16)
+    if not (np.isfinite(mean16).all() and np.isfinite(std16).all()):
+        raise Uncodable("statistics overflow fp16")
     half = layer_half_widths(bins)
-    step = steps(std16, clip, half)
+    step = steps(std16[:, :, None, :], clip, half)
     q = x - mean16.astype(np.float32)[:, :, None, :]
     q *= np.float32(1.0) / step
     np.rint(q, out=q)
@@ -56,14 +59,65 @@ def quantize(x: np.ndarray, bins: list[int], clip: float) -> Quantized:
     return Quantized(mean16, std16, q.astype(np.int32), escapes)
 
 
-def dequantize(symbols: np.ndarray, mean16: np.ndarray, std16: np.ndarray, bins: list[int],
-               clip: float) -> tuple[np.ndarray, np.ndarray]:
-    """float32 values and the escape mask for ``symbols`` [2, L, n, H]."""
-    half = layer_half_widths(bins)
-    step = steps(std16, clip, half)
-    values = symbols.astype(np.float32)
-    values -= half
-    values *= step
-    values += mean16.astype(np.float32)[:, :, None, :]
-    escapes = symbols == (2 * half + 1).astype(symbols.dtype)
-    return values, escapes
+@dataclass
+class Dequant:
+    """How one coded stream's symbols become values: the stream covers ``C``
+    channels, laid out ``[tokens, C]`` (``channels_last``) or ``[C, tokens]``.
+
+    The coder that decodes a stream also dequantizes it, so both processes of
+    a split decode do whole streams' work and the caller only places escapes.
+    """
+
+    mean16: np.ndarray  # float16 [C]
+    std16: np.ndarray  # float16 [C]
+    bins: int
+    clip: float
+    channels_last: bool
+    dtype: np.dtype  # float16 for fp16 KV, float32 otherwise
+
+    def shape(self, size: int) -> tuple[int, int]:
+        c = self.mean16.size
+        rows = size // c if c else 0
+        return (rows, c) if self.channels_last else (c, rows)
+
+    def apply(self, symbols: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Values of ``symbols`` (1-D, in stream order) as a 2-D array, and the
+        stream positions of escapes (whose values the caller overwrites)."""
+        c = self.mean16.size
+        shape = self.shape(symbols.size)
+        sym = symbols.reshape(shape)
+        half = np.float32(self.bins // 2 - 1)
+        step = steps(self.std16, self.clip, half)
+        mean = self.mean16.astype(np.float32)
+        if not self.channels_last:
+            step, mean = step[:, None], mean[:, None]
+        if c * self.bins <= symbols.size:
+            # A table of every (channel, symbol) value, then one gather: fewer passes than arithmetic.
+            levels = np.arange(self.bins, dtype=np.float32) - half
+            lut = (levels[None, :] * step.reshape(-1, 1) + mean.reshape(-1, 1)).astype(self.dtype).reshape(-1)
+            offsets = np.arange(c, dtype=np.int32 if c * self.bins > 1 << 16 else np.uint16) * self.bins
+            index = sym + (offsets if self.channels_last else offsets[:, None])
+            values = np.take(lut, index, out=out)
+        else:
+            # The same float32 operations as the table, element by element, for short streams.
+            work = sym.astype(np.float32)
+            work -= half
+            work *= step
+            work += mean
+            if out is None:
+                out = np.empty(shape, dtype=self.dtype)
+            out[...] = work
+            values = out
+        escapes = np.flatnonzero(symbols == self.bins - 1).astype(np.uint32)
+        return values, escapes
+
+
+def dequantize_block(q: Quantized, bins: list[int], clip: float, dtype: np.dtype) -> np.ndarray:
+    """Values of a quantized block [2 or 1, L, n, H] exactly as the decoder
+    rebuilds them (escaped positions hold garbage: the caller overwrites them)."""
+    values = np.empty(q.symbols.shape, dtype=dtype)
+    for k in range(q.symbols.shape[0]):
+        for layer, b in enumerate(bins):
+            Dequant(q.mean[k, layer], q.std[k, layer], b, clip, True, dtype).apply(
+                q.symbols[k, layer].reshape(-1), out=values[k, layer])
+    return values

@@ -2,16 +2,21 @@
 
 One coder call per stream, with one categorical model per stream: a stream is
 every symbol of one distribution class, so the coder never sees per-symbol
-probability rows (30x slower). This module imports only numpy and
-constriction, because the coder worker processes import it too.
+probability rows (30x slower). This module imports only numpy, constriction
+and :mod:`kvstacks_cachegen.quantize`, because the coder worker processes import it too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import constriction
 import numpy as np
+
+from kvstacks_cachegen.quantize import Dequant
+
+ENCODE, DECODE = 1, 2
 
 _ans = constriction.stream.stack.AnsCoder
 _categorical = constriction.stream.model.Categorical
@@ -51,12 +56,38 @@ def model_from_counts(counts: np.ndarray) -> object:
 
 @dataclass
 class Stream:
-    """One class's symbols: counts for its model and, once coded, its words."""
+    """One class's symbols: counts for its model and, once coded, its words.
+
+    A stream to decode also says how its symbols become values (``dequant``)
+    and may name where they go (``out``, 2-D, contiguous).
+    """
 
     counts: np.ndarray  # uint16/uint8 [alphabet]
-    symbols: np.ndarray | None = None  # int32 or uint8 [n] (before encoding / after decoding)
-    words: np.ndarray | None = None  # uint32 [w] (after encoding / before decoding)
+    symbols: np.ndarray | None = None  # int32 or uint8 [n] (to encode)
+    words: np.ndarray | None = None  # uint32 [w] (after encoding / to decode)
     size: int = 0  # number of symbols
+    dequant: Dequant | None = None
+    out: np.ndarray | None = None
+    values: np.ndarray | None = None  # 2-D, after decoding (``out`` when given)
+    escapes: np.ndarray | None = None  # uint32 positions of escaped values, after decoding
+
+
+def run(op: int, stream: Stream, model: object | None = None) -> None:
+    """Encode a stream's symbols into words, or decode its words into values."""
+    if op == ENCODE:
+        stream.words = encode_stream(stream.symbols, stream.counts, model)
+        return
+    symbols = decode_stream(stream.words, stream.size, stream.counts, model)
+    stream.values, stream.escapes = stream.dequant.apply(symbols, out=stream.out)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_pairs(half: int) -> np.ndarray:
+    """Pair index -> its two high parts, shifted left by one, as two bytes (one uint16)."""
+    parts = np.empty((half * half, 2), dtype=np.uint8)
+    parts[:, 0] = np.repeat(np.arange(half, dtype=np.uint8) * 2, half)
+    parts[:, 1] = np.tile(np.arange(half, dtype=np.uint8) * 2, half)
+    return parts.view(np.uint16).reshape(-1)
 
 
 def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: object | None = None) -> np.ndarray:
@@ -88,10 +119,11 @@ def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: object | None 
 
 
 def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: object | None = None) -> np.ndarray:
+    """The ``size`` symbols (uint8) coded in ``words``; :class:`StreamError` if they are not a valid stream."""
     if size == 0:
         if words.size:
             raise StreamError("a stream of no symbols carries data")
-        return np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=np.uint8)
     model = model or model_from_counts(counts)
     pairs = paired(len(counts))
     low_words = (size + 31) // 32 if pairs else 0
@@ -106,13 +138,9 @@ def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: objec
     if not consumed:
         raise StreamError("coded stream has data left over after its symbols")
     if not pairs:
-        return out
-    symbols = np.empty(2 * out.size, dtype=np.int32)
-    high_first, high_second = np.divmod(out, len(counts) // 2)
-    symbols[0::2] = high_first
-    symbols[1::2] = high_second
-    symbols = symbols[:size]
-    symbols <<= 1
+        return out.astype(np.uint8)
+    # One gather splits every pair and leaves room for the low bit: no division pass.
+    symbols = np.take(_split_pairs(len(counts) // 2), out).view(np.uint8)[:size]
     low = np.ascontiguousarray(words[:low_words], dtype="<u4").view(np.uint8)
     symbols |= np.unpackbits(low, count=size, bitorder="little")
     return symbols

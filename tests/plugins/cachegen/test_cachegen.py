@@ -130,6 +130,23 @@ def test_worker_processes_give_the_same_payload():
     assert torch.equal(decoded, make(workers=0).decompress(memoryview(serial), tuple(kv.shape), kv.dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("options", [{"anchor_every": 7}, {"sinks": "always"}, {"bins": [256, 100]}, {"tables": True}])
+def test_workers_decode_every_kind_of_chunk_like_this_thread(tmp_path, sample_npz, options, dtype):
+    if options.get("tables"):
+        run_fit("--kv", sample_npz, "--out", tmp_path / "t.json")
+        options = {"tables": tmp_path / "t.json"}
+    kv = random_kv(3, 1024, 32, dtype, seed=14)
+    serial = make(**options)
+    payload = bytes(serial.compress(kv))
+    parallel = CacheGenCompressor(CacheGenCompressor.Options(workers=2, **options))
+    assert bytes(parallel.compress(kv)) == payload
+    assert parallel.pool.all, "the chunk is big enough to be split across workers"
+    expected = serial.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    assert torch.equal(parallel.decompress(memoryview(payload), tuple(kv.shape), kv.dtype), expected)
+    assert (expected.float() - kv.float()).abs().max() < kv.float().abs().max()
+
+
 def test_worker_that_died_is_replaced_by_this_thread():
     c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
     kv = random_kv(8, 256, 128, seed=12)
