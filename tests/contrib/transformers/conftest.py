@@ -1,10 +1,10 @@
-"""Fixtures: a tiny random Llama (fast, for the plumbing), the real SmolLM2 (once per session), engines."""
+"""Fixtures: a tiny random Llama (fast, for the plumbing) and engines; SmolLM2 is in tests/conftest.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kvstacks.testing import in_ci, require
+from kvstacks.testing import require
 
 
 @pytest.fixture(scope="session")
@@ -17,21 +17,6 @@ def tiny_model():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
     )
     return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded once (about 20 s)."""
-    require("gguf", "pip install gguf")
-    require("accelerate", "pip install accelerate")
-    from kvstacks_transformers.smollm2 import ModelUnavailable, load_smollm2
-
-    try:
-        return load_smollm2(progress=False)
-    except ModelUnavailable as exc:
-        if in_ci():
-            pytest.fail(f"{exc} (CI=true: every dependency must be installed in CI)", pytrace=False)
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

