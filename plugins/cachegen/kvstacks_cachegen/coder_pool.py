@@ -10,6 +10,7 @@ caller codes in its own thread, so the pool never blocks or deadlocks a caller.
 from __future__ import annotations
 
 import atexit
+import logging
 import mmap
 import os
 import queue
@@ -25,6 +26,7 @@ from kvstacks_cachegen.coder_worker import DID_NOT_FIT, JOB_HEAD, STREAM_HEAD, r
 from kvstacks_cachegen.streams import ENCODE, Stream, StreamError
 
 ALIGN = 64
+log = logging.getLogger("kvstacks.cachegen")
 
 
 class WorkerFailed(RuntimeError):
@@ -167,12 +169,18 @@ class CoderPool:
                 return
             self.started = True
             for _ in range(self.size):
-                try:
-                    worker = CoderWorker()
-                except OSError:
+                if not self._spawn():
                     break
-                self.all.append(worker)
-                self.idle.put(worker)
+
+    def _spawn(self) -> bool:
+        try:
+            worker = CoderWorker()
+        except OSError as exc:
+            log.warning("cannot start a cachegen coder worker (%s); coding in the calling thread", exc)
+            return False
+        self.all.append(worker)
+        self.idle.put(worker)
+        return True
 
     def borrow(self, most: int) -> list[CoderWorker]:
         self._start()
@@ -185,10 +193,15 @@ class CoderPool:
         return got
 
     def give_back(self, worker: CoderWorker, healthy: bool = True) -> None:
+        """Return a borrowed worker; one that died or broke protocol is replaced by a new one."""
         if healthy and worker.proc.poll() is None:
             self.idle.put(worker)
-        else:
-            worker.close()
+            return
+        worker.close()
+        with self.lock:
+            if worker in self.all:
+                self.all.remove(worker)
+                self._spawn()
 
     def close(self) -> None:
         for worker in self.all:

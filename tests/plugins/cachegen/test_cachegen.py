@@ -158,6 +158,45 @@ def test_worker_that_died_is_replaced_by_this_thread():
     assert bytes(c.compress(kv)) == expected
 
 
+def test_words_that_outgrow_the_workers_room_are_coded_here(monkeypatch):
+    from kvstacks_cachegen import coder_pool
+
+    real = coder_pool._layout
+
+    def cramped(op, streams):
+        places, end = real(op, streams)
+        return [(i, o, 4) for i, o, _ in places], end
+
+    monkeypatch.setattr(coder_pool, "_layout", cramped)
+    kv = random_kv(8, 256, 128, seed=15)
+    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
+    assert bytes(c.compress(kv)) == bytes(make(workers=0).compress(kv))
+    assert c.pool.all
+
+
+def test_worker_that_dies_while_decoding_makes_a_miss_and_is_replaced(monkeypatch):
+    from kvstacks_cachegen import coder_pool
+
+    kv = random_kv(8, 256, 128, seed=16)
+    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
+    payload = bytes(c.compress(kv))
+    (old,) = c.pool.all
+
+    def dies(self, op, streams):
+        self.proc.kill()
+        self.proc.wait()
+        raise coder_pool.WorkerFailed("coder worker closed its pipe")
+
+    with monkeypatch.context() as m:
+        m.setattr(coder_pool.CoderWorker, "receive", dies)
+        with pytest.raises(CorruptChunk, match="died"):
+            c.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    (new,) = c.pool.all
+    assert new is not old and new.proc.poll() is None
+    decoded = c.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    assert torch.equal(decoded, make(workers=0).decompress(memoryview(payload), tuple(kv.shape), kv.dtype))
+
+
 # ---- hostile bytes ----
 
 def valid_payload(**options) -> tuple[bytes, tuple[int, ...], torch.dtype, CacheGenCompressor]:
