@@ -24,7 +24,7 @@ class Uncodable(ValueError):
 class Quantized:
     mean: np.ndarray  # float16 [2, L, H]
     std: np.ndarray  # float16 [2, L, H]
-    symbols: np.ndarray  # int32 [2, L, n, H] (the coder's symbol type, so no conversion pass)
+    symbols: np.ndarray  # uint8 [2, L, n, H]
     escapes: np.ndarray  # bool [2, L, n, H]
 
 
@@ -42,21 +42,35 @@ def steps(std16: np.ndarray, clip: float, half_widths: np.ndarray | np.float32) 
 
 
 def quantize(x: np.ndarray, bins: list[int], clip: float) -> Quantized:
-    """``x`` float32 [2, L, n, H] with n >= 1; :class:`Uncodable` if its means or stds are not finite in fp16."""
-    mean16 = x.mean(axis=2).astype(np.float16)
-    std16 = x.std(axis=2).astype(np.float16)
-    if not (np.isfinite(mean16).all() and np.isfinite(std16).all()):
-        raise Uncodable("statistics overflow fp16")
-    half = layer_half_widths(bins)
-    step = steps(std16[:, :, None, :], clip, half)
-    q = x - mean16.astype(np.float32)[:, :, None, :]
-    q *= np.float32(1.0) / step
-    np.rint(q, out=q)
-    ok = np.abs(q) <= half
-    escapes = ~ok
-    np.copyto(q, half + 1, where=escapes)
-    q += half
-    return Quantized(mean16, std16, q.astype(np.int32), escapes)
+    """``x`` float32 [2, L, n, H] with n >= 1; :class:`Uncodable` if its means or stds are not finite in fp16.
+
+    Works one (K/V, layer) slice at a time: the temporaries then stay in cache,
+    and stay small enough that the allocator reuses them instead of mapping
+    (and faulting in) fresh pages for every chunk.
+    """
+    k_count, layers, n, hidden = x.shape
+    mean16 = np.empty((k_count, layers, hidden), dtype=np.float16)
+    std16 = np.empty((k_count, layers, hidden), dtype=np.float16)
+    symbols = np.empty(x.shape, dtype=np.uint8)
+    escapes = np.empty(x.shape, dtype=bool)
+    q = np.empty((n, hidden), dtype=np.float32)
+    for k in range(k_count):
+        for layer, b in enumerate(bins):
+            xs = x[k, layer]
+            mean16[k, layer] = xs.mean(axis=0)
+            std16[k, layer] = xs.std(axis=0)
+            if not (np.isfinite(mean16[k, layer]).all() and np.isfinite(std16[k, layer]).all()):
+                raise Uncodable("statistics overflow fp16")
+            half = np.float32(b // 2 - 1)
+            np.subtract(xs, mean16[k, layer].astype(np.float32), out=q)
+            q *= np.float32(1.0) / steps(std16[k, layer], clip, half)
+            np.rint(q, out=q)
+            esc = escapes[k, layer]
+            np.greater(np.abs(q), half, out=esc)
+            np.copyto(q, half + 1, where=esc)
+            q += half
+            symbols[k, layer] = q
+    return Quantized(mean16, std16, symbols, escapes)
 
 
 @dataclass

@@ -63,7 +63,7 @@ class Stream:
     """
 
     counts: np.ndarray  # uint16/uint8 [alphabet]
-    symbols: np.ndarray | None = None  # int32 or uint8 [n] (to encode)
+    symbols: np.ndarray | None = None  # uint8 [n] (to encode)
     words: np.ndarray | None = None  # uint32 [w] (after encoding / to decode)
     size: int = 0  # number of symbols
     dequant: Dequant | None = None
@@ -106,15 +106,17 @@ def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: object | None 
         coder.encode_reverse(symbols.astype(np.int32, copy=False), model)
         return coder.get_compressed()
     n = symbols.size
-    sym = symbols.astype(np.int32, copy=False)
+    sym = symbols.astype(np.uint8, copy=False)
     low = np.zeros(4 * ((n + 31) // 32), dtype=np.uint8)
-    packed = np.packbits((sym & 1).astype(np.uint8), bitorder="little")
+    packed = np.packbits(sym & 1, bitorder="little")
     low[:packed.size] = packed
     high = sym >> 1
     if n % 2:
-        high = np.append(high, 0)
-    pairs = high[0::2] * (len(counts) // 2) + high[1::2]
-    coder.encode_reverse(pairs.astype(np.int32, copy=False), model)
+        high = np.append(high, np.uint8(0))
+    pairs = high[0::2].astype(np.int32)
+    pairs *= len(counts) // 2
+    pairs += high[1::2]
+    coder.encode_reverse(pairs, model)
     return np.concatenate([low.view(np.uint32), coder.get_compressed()])
 
 
