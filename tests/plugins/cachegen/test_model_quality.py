@@ -64,3 +64,33 @@ def test_default_level_keeps_perplexity(model_and_ids):
     assert agree >= 0.9
     crude, _ = through({"bins": [4], "sinks": "never"})
     assert crude - base > abs(ppl - base), "a crude 4-bin cache must hurt more (the test can tell them apart)"
+
+
+def test_fit_from_the_model_writes_tables_that_code_its_kv(smollm2, model_and_ids, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from kvstacks_cachegen.cli import cachegen
+    from kvstacks_cachegen.compressor import FLAG_TABLES, HEADER
+    from kvstacks_cachegen.tables import load_tables
+
+    # `fit --model smollm2` loads the model through kvstacks-transformers: hand it the session's copy.
+    monkeypatch.setattr("kvstacks_transformers.smollm2.load_smollm2", lambda progress=True: smollm2)
+    sample = tmp_path / "sample.txt"
+    sample.write_text(TEXT)
+    out = tmp_path / "smollm2.json"
+    result = CliRunner().invoke(cachegen, ["fit", "--model", "smollm2", "--text", str(sample), "--out", str(out),
+                                           "--chunk-size", "64"])
+    assert result.exit_code == 0, result.output
+    tables = load_tables(out)
+    model, ids = model_and_ids
+    layout = KVLayout.from_model(model)
+    assert (tables.layers, tables.hidden) == (layout.num_layers, layout.num_kv_heads * layout.head_dim)
+    with torch.no_grad():
+        cache = model(ids[:, :192], use_cache=True).past_key_values
+    kv = layout.cache_to_kv(cache, dtype=torch.float16)[:, :, 64:]
+    fitted = CacheGenCompressor(CacheGenCompressor.Options(workers=0, tables=out))
+    payload = bytes(fitted.compress(kv))
+    assert HEADER.unpack_from(payload)[4] & FLAG_TABLES, "chunks of the fitted model are coded with its tables"
+    plain = bytes(CacheGenCompressor(CacheGenCompressor.Options(workers=0)).compress(kv))
+    assert len(payload) < len(plain)
+    decoded = fitted.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    assert (decoded.float() - kv.float()).abs().mean() < 0.1 * kv.float().abs().mean()
