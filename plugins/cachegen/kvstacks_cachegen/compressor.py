@@ -20,11 +20,9 @@ it is given, except a fitted table file, whose id the header names.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -260,7 +258,7 @@ class CacheGenCompressor(Compressor):
         streams: list[Stream] = []
         counts_sections = []
         work = np.dtype(np.float16 if code == 1 else np.float32)
-        halves = self._halves(lambda k: self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled, work), x.size)
+        halves = [self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled, work) for k in (0, 1)]
         for (last, qk, esc_k, streams_k), (_, qv, esc_v, streams_v) in zip(*halves):
             out.add(qk.mean)
             out.add(qv.mean)
@@ -282,13 +280,6 @@ class CacheGenCompressor(Compressor):
         for s in streams:
             out.add(s.words)
         return out.getvalue()
-
-    @staticmethod
-    def _halves(fn, size: int) -> list:
-        """``[fn(0), fn(1)]`` (K, V), on two threads for big chunks: numpy releases the GIL."""
-        if size < PARALLEL_MIN_SYMBOLS:
-            return [fn(0), fn(1)]
-        return list(_numpy_threads().map(fn, (0, 1)))
 
     def _encode_half(self, x: np.ndarray, raw: np.ndarray, bins: list[int], n_sink: int, tabled: bool,
                      work: np.dtype) -> list:
@@ -481,15 +472,3 @@ class CacheGenCompressor(Compressor):
             if s.escapes.size:
                 s.values.flat[s.escapes] = esc[first:first + s.escapes.size]
                 first += s.escapes.size
-
-
-_pool_lock = threading.Lock()
-_numpy_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _numpy_threads() -> concurrent.futures.ThreadPoolExecutor:
-    global _numpy_pool
-    with _pool_lock:
-        if _numpy_pool is None:
-            _numpy_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cachegen-numpy")
-        return _numpy_pool
