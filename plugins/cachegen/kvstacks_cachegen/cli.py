@@ -65,6 +65,7 @@ def model_kv(model: str, gguf_file: str | None, texts: list[Path]) -> Iterator[n
 
 def fit_tables(compressor, samples: list[np.ndarray], chunk_size: int, classes_per_group: int, model: str):
     """Quantize the samples chunk by chunk as ``compressor`` would and fit classes to the histograms."""
+    from kvstacks_cachegen.slabs import quantize_parts
     from kvstacks_cachegen.tables import Tables, fit_classes
 
     layers, hidden = samples[0].shape[1], samples[0].shape[3]
@@ -78,7 +79,8 @@ def fit_tables(compressor, samples: list[np.ndarray], chunk_size: int, classes_p
         for start in range(0, kv.shape[2], chunk_size):
             x = np.ascontiguousarray(kv[:, :, start:start + chunk_size], dtype=np.float32)
             n_sink = compressor.sink_count(x)
-            for last, _, _, q in compressor.quantized_parts(x, bins, n_sink):
+            for last, _, _, q in quantize_parts(x[:, :, n_sink:], bins, compressor.clip,
+                                                compressor.options.anchor_every, np.dtype(np.float32)):
                 if not last:
                     continue
                 rows = q.symbols.transpose(0, 1, 3, 2).reshape(2 * layers * hidden, -1).astype(np.int64)

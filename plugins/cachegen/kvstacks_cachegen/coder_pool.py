@@ -22,8 +22,19 @@ import threading
 
 import numpy as np
 
-from kvstacks_cachegen.coder_worker import DID_NOT_FIT, JOB_HEAD, STREAM_HEAD, read_exact
-from kvstacks_cachegen.streams import ENCODE, Stream, StreamError
+from kvstacks_cachegen.coder_worker import (
+    DID_NOT_FIT,
+    JOB_HEAD,
+    OK,
+    PART_HEAD,
+    SLAB_HEAD,
+    STREAM_HEAD,
+    UNCODABLE,
+    read_exact,
+)
+from kvstacks_cachegen.quantize import Uncodable
+from kvstacks_cachegen.slabs import Slab, SlabPart
+from kvstacks_cachegen.streams import ENCODE, SLABS, Stream, StreamError
 
 ALIGN = 64
 log = logging.getLogger("kvstacks.cachegen")
@@ -41,11 +52,15 @@ def _shared_file() -> int:
         return os.dup(handle.fileno())
 
 
-def _layout(op: int, streams: list[Stream]) -> tuple[list[tuple[int, int, int]], int]:
-    """(input offset, output offset, output capacity) of each stream in the arena, and its size."""
+def _layout(op: int, items: list[Stream] | list[Slab]) -> tuple[list[tuple[int, int, int]], int]:
+    """(input offset, output offset, output capacity) of each stream or slab in the arena, and its size."""
     places, end = [], 0
-    for s in streams:
-        if op == ENCODE:
+    for s in items:
+        if op == SLABS:
+            size_in = s.body.nbytes
+            # Words of at most two parts: 16 bits a value at worst for our counts, plus raw low bits.
+            capacity = 2 * s.size + 4 * ((s.size + 31) // 32) + 256
+        elif op == ENCODE:
             size_in = s.size
             # Worst case for our counts: 16 bits a symbol, plus the raw low bits.
             capacity = 2 * s.size + 4 * ((s.size + 31) // 32) + 64
@@ -90,16 +105,21 @@ class CoderWorker:
             self.size = size
         return np.frombuffer(self.map, dtype=np.uint8)
 
-    def send(self, op: int, streams: list[Stream]) -> None:
-        self.places, end = _layout(op, streams)
+    def send(self, op: int, items: list[Stream] | list[Slab], context: bytes = b"") -> None:
+        """Write a job's inputs into the arena and its description down the pipe.
+        ``context`` is the job-wide header of a slab job (``SLAB_JOB``)."""
+        self.places, end = _layout(op, items)
         try:
             space = self._arena(end)
         except OSError as exc:
             raise WorkerFailed(f"cannot grow the coder arena to {end} bytes: {exc}") from None
-        head = [JOB_HEAD.pack(op, len(streams), self.size)]
+        head = [JOB_HEAD.pack(op, len(items), self.size), context]
         tail = []
-        for s, (at_in, at_out, capacity) in zip(streams, self.places):
-            if op == ENCODE:
+        for s, (at_in, at_out, capacity) in zip(items, self.places):
+            if op == SLABS:
+                space[at_in:at_in + s.body.nbytes] = s.body.reshape(-1).view(np.uint8)
+                head.append(SLAB_HEAD.pack(s.body.shape[0], s.body.shape[1], s.bins, at_in, at_out, capacity))
+            elif op == ENCODE:
                 space[at_in:at_in + s.size] = s.symbols
                 head.append(STREAM_HEAD.pack(len(s.counts), s.size, 0, at_in, at_out, capacity, 0, 0, 0, 0.0))
                 tail.append(np.asarray(s.counts, dtype="<u2").tobytes())
@@ -116,7 +136,7 @@ class CoderWorker:
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise WorkerFailed(f"coder worker is gone: {exc}") from None
 
-    def receive(self, op: int, streams: list[Stream]) -> None:
+    def receive(self, op: int, streams: list[Stream] | list[Slab]) -> None:
         head = read_exact(self.proc.stdout, 8)
         if head is None:
             raise WorkerFailed("coder worker closed its pipe")
@@ -124,8 +144,13 @@ class CoderWorker:
         reply = read_exact(self.proc.stdout, length)
         if reply is None or not reply:
             raise WorkerFailed("coder worker reply was cut short")
-        if reply[0] != 0:
+        if reply[0] == UNCODABLE:
+            raise Uncodable("a coder worker found statistics that overflow fp16")
+        if reply[0] != OK:
             raise StreamError(reply[1:].decode(errors="replace"))
+        if op == SLABS:
+            self._receive_slabs(reply, streams)
+            return
         results = struct.unpack_from(f"<{len(streams)}I", reply, 1)
         pos = 1 + 4 * len(streams)
         space = np.frombuffer(self.map, dtype=np.uint8)
@@ -142,6 +167,32 @@ class CoderWorker:
                 s.values = s.out
             s.escapes = np.frombuffer(reply, dtype="<u4", count=n, offset=pos)
             pos += 4 * n
+
+    def _receive_slabs(self, reply: bytes, slabs: list[Slab]) -> None:
+        space = np.frombuffer(self.map, dtype=np.uint8)
+        pos = 1
+        for slab, (_, at_out, _) in zip(slabs, self.places):
+            hidden = slab.body.shape[1]
+            parts, pos = reply[pos], pos + 1
+            cursor = at_out
+            slab.parts = []
+            for _ in range(parts):
+                n_counts, n_esc, n_out = PART_HEAD.unpack_from(reply, pos)
+                pos += PART_HEAD.size
+                mean = np.frombuffer(reply, dtype="<f2", count=hidden, offset=pos)
+                std = np.frombuffer(reply, dtype="<f2", count=hidden, offset=pos + 2 * hidden)
+                escapes = np.frombuffer(reply, dtype="<u4", count=n_esc, offset=pos + 4 * hidden)
+                pos += 4 * hidden + 4 * n_esc
+                part = SlabPart(mean, std, escapes)
+                if n_counts:
+                    part.counts = np.frombuffer(reply, dtype=np.uint8, count=n_counts, offset=pos)
+                    part.words = space[cursor:cursor + 4 * n_out].view("<u4").copy()
+                    cursor += 4 * n_out
+                else:
+                    part.symbols = space[cursor:cursor + n_out].copy()
+                    cursor += -(-n_out // 4) * 4
+                pos += n_counts
+                slab.parts.append(part)
 
     def close(self) -> None:
         try:
@@ -250,15 +301,19 @@ def default_workers() -> int:
 CALLER_SHARE = 0.9
 
 
-def run_split(op: int, streams: list[Stream], workers: list[CoderWorker], here) -> set[int]:
-    """Code ``streams``: a share to each borrowed worker, the rest with ``here(stream)``
-    in this thread, all at once. Returns ids of workers that failed (their
-    streams are left uncoded for the caller to redo or to fail)."""
-    shares: list[list[Stream]] = [[] for _ in range(len(workers) + 1)]
+def run_split(op: int, items: list[Stream] | list[Slab], workers: list[CoderWorker], here,
+              context: bytes = b"") -> tuple[set[int], BaseException | None]:
+    """Code ``items``: a share to each borrowed worker, the rest with ``here(item)``
+    in this thread, all at once. Returns the ids of workers that failed (their
+    items are left uncoded for the caller to redo or to fail) and the first
+    error met, for the caller to raise once it has given the workers back.
+    Every worker that was sent a job is read back before this returns, so no
+    reply is ever left in a pipe for the next job to mistake for its own."""
+    shares: list[list] = [[] for _ in range(len(workers) + 1)]
     weights = [CALLER_SHARE] + [1.0] * len(workers)
     loads = [0.0] * len(shares)
     # Greedy by size, largest first, onto the share that finishes first.
-    for s in sorted(streams, key=lambda s: -s.size):
+    for s in sorted(items, key=lambda s: -s.size):
         i = min(range(len(shares)), key=lambda i: (loads[i] + s.size) / weights[i])
         shares[i].append(s)
         loads[i] += s.size
@@ -268,21 +323,27 @@ def run_split(op: int, streams: list[Stream], workers: list[CoderWorker], here) 
         if not share:
             continue
         try:
-            w.send(op, share)
+            w.send(op, share, context)
             sent.append((w, share))
         except WorkerFailed:
             failed.add(id(w))
             shares[0].extend(share)
-    for s in shares[0]:
-        here(s)
-    error: StreamError | None = None
+    error: BaseException | None = None
+    try:
+        for s in shares[0]:
+            here(s)
+    except Exception as exc:  # noqa: BLE001 - handed to the caller once the workers have answered
+        error = exc
+    except BaseException:
+        for w, _ in sent:  # interrupted: their replies would be left unread, so they must go
+            w.proc.kill()
+            w.proc.wait()
+        raise
     for w, share in sent:
         try:
             w.receive(op, share)
         except WorkerFailed:
             failed.add(id(w))
-        except StreamError as exc:
+        except Exception as exc:  # noqa: BLE001 - as above
             error = error or exc
-    if error is not None:
-        raise error
-    return failed
+    return failed, error

@@ -1,18 +1,21 @@
-"""A coder process: encodes or decodes (and dequantizes) streams for its parent.
+"""A coder process: encodes slabs and decodes (and dequantizes) streams for its parent.
 
 constriction holds the GIL while it codes, so threads cannot run two coders at
 once; a few of these processes can. Run as ``python -m
 kvstacks_cachegen.coder_worker FD``, where FD is a file both processes map
-(the arena): bulk data (symbols, words, values) moves through it, and only
+(the arena): bulk data (KV values, symbols, words) moves through it, and only
 small binary job descriptions (no pickle) cross the stdin/stdout pipes. The
 worker exits when stdin closes.
 
-Job: ``u64 length`` then :data:`JOB_HEAD`, a :data:`STREAM_HEAD` per stream,
-each stream's ``alphabet x u16`` counts and, when decoding, its fp16 means
-and stds (``channels`` of each). Reply: ``u64 length``, ``u8 status`` (0 ok,
-else an error message follows), then a ``u32`` per stream (words written
-when encoding, ``0xFFFFFFFF`` if they did not fit; escapes when decoding)
-and, when decoding, every stream's escape positions as ``u32``.
+Job: ``u64 length`` then :data:`JOB_HEAD`. To decode: a :data:`STREAM_HEAD`
+per stream, each stream's ``alphabet x u16`` counts, fp16 means and stds
+(``channels`` of each). To encode: :data:`SLAB_JOB`, then a :data:`SLAB_HEAD`
+per slab. Reply: ``u64 length``, ``u8 status`` (0 ok, 2 the chunk cannot be
+coded, else an error message follows), then when decoding a ``u32`` escape
+count per stream and every stream's escape positions as ``u32``; when
+encoding, per slab ``u8 parts`` and per part :data:`PART_HEAD`, fp16 means,
+fp16 stds, escape positions, counts, with the part's words (or symbols, 4-byte
+aligned) written one after another from the slab's output offset.
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import sys
 
 import numpy as np
 
-from kvstacks_cachegen.quantize import Dequant
-from kvstacks_cachegen.streams import ENCODE, Stream, StreamError, run
+from kvstacks_cachegen.quantize import Dequant, Uncodable
+from kvstacks_cachegen.slabs import Slab, encode_slab
+from kvstacks_cachegen.streams import DECODE, ENCODE, SLABS, Stream, StreamError, run
 
-JOB_HEAD = struct.Struct("<BIQ")  # op, streams, arena bytes
-# alphabet, symbols, words (decode), input offset, output offset, output capacity,
-# channels (decode), channels last (decode), values are fp32 (decode), clip (decode)
+JOB_HEAD = struct.Struct("<BIQ")  # op, streams or slabs, arena bytes
+# alphabet, symbols, words, input offset, output offset, output capacity,
+# channels, channels last, values are fp32, clip
 STREAM_HEAD = struct.Struct("<HIIQQQIBBf")
+SLAB_JOB = struct.Struct("<fIBB")  # clip, anchor_every, input dtype code, fitted tables code the last part
+SLAB_HEAD = struct.Struct("<IIHQQQ")  # tokens, hidden, bins, input offset, output offset, output capacity
+PART_HEAD = struct.Struct("<HII")  # counts (0: symbols were written, not words), escapes, words or symbols
+OK, FAILED, UNCODABLE = 0, 1, 2
 DID_NOT_FIT = 0xFFFFFFFF
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+RAW_DTYPES = {1: np.dtype("<i2"), 2: np.dtype("<i2"), 3: np.dtype("<i4")}
 
 
 def read_exact(stream, n: int) -> bytes | None:
@@ -63,45 +72,78 @@ class Arena:
 
 def run_job(message: bytes, arena: Arena) -> bytes:
     op, count, arena_size = JOB_HEAD.unpack_from(message, 0)
+    space = arena.at(arena_size)
+    if op == SLABS:
+        return encode_slabs(message, count, space)
+    if op not in (ENCODE, DECODE):
+        raise ValueError(f"unknown job {op}")
     pos = JOB_HEAD.size
     heads = []
     for _ in range(count):
         heads.append(STREAM_HEAD.unpack_from(message, pos))
         pos += STREAM_HEAD.size
-    space = arena.at(arena_size)
-    streams, places = [], []
-    for alphabet, size, nwords, at_in, at_out, capacity, channels, last, fp32, clip in heads:
+    if op == ENCODE:
+        return encode_streams(message, pos, heads, space)
+    streams = []
+    for alphabet, size, nwords, at_in, at_out, _, channels, last, fp32, clip in heads:
+        counts = np.frombuffer(message, dtype="<u2", count=alphabet, offset=pos)
+        mean = np.frombuffer(message, dtype="<f2", count=channels, offset=pos + 2 * alphabet)
+        std = np.frombuffer(message, dtype="<f2", count=channels, offset=pos + 2 * alphabet + 2 * channels)
+        pos += 2 * alphabet + 4 * channels
+        dequant = Dequant(mean, std, alphabet, clip, bool(last), DTYPES[fp32])
+        out = space[at_out:at_out + size * dequant.dtype.itemsize].view(dequant.dtype).reshape(dequant.shape(size))
+        words = space[at_in:at_in + 4 * nwords].view("<u4")
+        streams.append(Stream(counts, words=words, size=size, dequant=dequant, out=out))
+    for s in streams:
+        run(DECODE, s)
+    return bytes([OK]) + struct.pack(f"<{count}I", *(s.escapes.size for s in streams)) + \
+        b"".join(s.escapes.astype("<u4").tobytes() for s in streams)
+
+
+def encode_streams(message: bytes, pos: int, heads: list[tuple], space: np.ndarray) -> bytes:
+    """Streams of symbols (fitted-table classes) to words; a stream whose words outgrow
+    their room is reported as :data:`DID_NOT_FIT` for the caller to code."""
+    sizes = []
+    for alphabet, size, _, at_in, at_out, capacity, *_ in heads:
         counts = np.frombuffer(message, dtype="<u2", count=alphabet, offset=pos)
         pos += 2 * alphabet
-        if op == ENCODE:
-            s = Stream(counts, symbols=space[at_in:at_in + size], size=size)
-        else:
-            mean = np.frombuffer(message, dtype="<f2", count=channels, offset=pos)
-            std = np.frombuffer(message, dtype="<f2", count=channels, offset=pos + 2 * channels)
-            pos += 4 * channels
-            dtype = DTYPES[fp32]
-            words = space[at_in:at_in + 4 * nwords].view("<u4")
-            rows = size // channels if channels else 0
-            shape = (rows, channels) if last else (channels, rows)
-            out = space[at_out:at_out + size * dtype.itemsize].view(dtype).reshape(shape)
-            s = Stream(counts, words=words, size=size, dequant=Dequant(mean, std, alphabet, clip, bool(last), dtype),
-                       out=out)
-        streams.append(s)
-        places.append((at_out, capacity))
-    tail = []
-    results = []
-    for s, (at_out, capacity) in zip(streams, places):
-        run(op, s)
-        if op == ENCODE:
-            if s.words.nbytes > capacity:
-                results.append(DID_NOT_FIT)
-                continue
-            space[at_out:at_out + s.words.nbytes] = s.words.view(np.uint8)
-            results.append(s.words.size)
-        else:
-            results.append(s.escapes.size)
-            tail.append(s.escapes.astype("<u4").tobytes())
-    return b"\0" + struct.pack(f"<{count}I", *results) + b"".join(tail)
+        s = Stream(counts, symbols=space[at_in:at_in + size], size=size)
+        run(ENCODE, s)
+        if s.words.nbytes > capacity:
+            sizes.append(DID_NOT_FIT)
+            continue
+        space[at_out:at_out + s.words.nbytes] = s.words.view(np.uint8)
+        sizes.append(s.words.size)
+    return bytes([OK]) + struct.pack(f"<{len(heads)}I", *sizes)
+
+
+def encode_slabs(message: bytes, count: int, space: np.ndarray) -> bytes:
+    clip, anchor_every, code, tabled = SLAB_JOB.unpack_from(message, JOB_HEAD.size)
+    raw = RAW_DTYPES.get(code)
+    if raw is None:
+        raise ValueError(f"unknown dtype code {code}")
+    pos = JOB_HEAD.size + SLAB_JOB.size
+    reply = [bytes([OK])]
+    for _ in range(count):
+        tokens, hidden, bins, at_in, at_out, capacity = SLAB_HEAD.unpack_from(message, pos)
+        pos += SLAB_HEAD.size
+        body = space[at_in:at_in + raw.itemsize * tokens * hidden].view(raw).reshape(tokens, hidden)
+        slab = Slab(body, bins)
+        encode_slab(slab, code, clip, anchor_every, bool(tabled))
+        reply.append(bytes([len(slab.parts)]))
+        cursor, end = at_out, at_out + capacity
+        for part in slab.parts:
+            data = part.words.view(np.uint8) if part.counts is not None else part.symbols
+            if cursor + data.size > end:
+                raise ValueError("a slab's output outgrew its room in the arena")
+            space[cursor:cursor + data.size] = data
+            cursor += -(-data.size // 4) * 4
+            counts = part.counts if part.counts is not None else np.zeros(0, np.uint8)
+            reply += [PART_HEAD.pack(counts.size, part.escapes.size, part.words.size if part.counts is not None
+                                     else part.symbols.size),
+                      part.mean16.astype("<f2").tobytes(), part.std16.astype("<f2").tobytes(),
+                      part.escapes.astype("<u4").tobytes(), counts.tobytes()]
+    return b"".join(reply)
 
 
 def main() -> None:
@@ -118,10 +160,12 @@ def main() -> None:
             return
         try:
             reply = run_job(message, arena)
+        except Uncodable:
+            reply = bytes([UNCODABLE])
         except (StreamError, ValueError, struct.error) as exc:
-            reply = b"\1" + str(exc).encode()[:1000]
+            reply = bytes([FAILED]) + str(exc).encode()[:1000]
         except BaseException as exc:  # noqa: BLE001 - a coder panic must become an error reply, not a dead pipe
-            reply = b"\1" + f"{type(exc).__name__}: {exc}".encode()[:1000]
+            reply = bytes([FAILED]) + f"{type(exc).__name__}: {exc}".encode()[:1000]
         stdout.write(struct.pack("<Q", len(reply)))
         stdout.write(reply)
         stdout.flush()

@@ -33,14 +33,16 @@ from kvstacks.compression import Compressor
 from kvstacks.errors import ConfigError, CorruptChunk
 
 from kvstacks_cachegen import coder_pool
+from kvstacks_cachegen.coder_worker import SLAB_JOB
 from kvstacks_cachegen.payload import Reader, Writer
-from kvstacks_cachegen.quantize import Dequant, Uncodable, dequantize_block, quantize
+from kvstacks_cachegen.quantize import Dequant, Uncodable, raw_to_float, work_dtype
+from kvstacks_cachegen.slabs import Slab, encode_slab, token_parts
 from kvstacks_cachegen.streams import (
     DECODE,
     ENCODE,
+    SLABS,
     Stream,
     StreamError,
-    class_counts,
     model_from_counts,
     run,
 )
@@ -74,15 +76,6 @@ PARALLEL_MIN_SYMBOLS = 1 << 17
 
 def layer_bins(groups: list[int], layers: int) -> list[int]:
     return [groups[min(layer * len(groups) // layers, len(groups) - 1)] for layer in range(layers)]
-
-
-def raw_to_float(raw: np.ndarray, code: int) -> np.ndarray:
-    """Exact float32 of values stored as raw input-dtype bits."""
-    if code == 1:
-        return raw.view("<f2").astype(np.float32)
-    if code == 2:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.view("<f4").astype(np.float32)
 
 
 class CacheGenCompressor(Compressor):
@@ -152,9 +145,11 @@ class CacheGenCompressor(Compressor):
             return list(self.tables.bins)
         return layer_bins(self.groups, layers)
 
-    def sink_count(self, x: np.ndarray) -> int:
+    def sink_count(self, x: np.ndarray, tokens: int | None = None) -> int:
+        """Exact tokens at the start of a chunk of ``tokens`` (default: all of ``x``,
+        [2, L, T, H]; ``x`` needs only the first 65 of them)."""
         o = self.options
-        tokens = x.shape[2]
+        tokens = x.shape[2] if tokens is None else tokens
         if o.sinks == "never" or o.sink_tokens == 0 or tokens == 0:
             return 0
         if o.sinks == "always":
@@ -169,15 +164,6 @@ class CacheGenCompressor(Compressor):
         ref = float(np.median(norms[1:]))
         return min(o.sink_tokens, tokens) if ref > 0 and norms[0] < 0.5 * ref else 0
 
-    @staticmethod
-    def parts(body_tokens: int, anchor_every: int) -> list[np.ndarray]:
-        """Token indices (into the body) of each coded part: anchors then the rest, or all."""
-        if anchor_every < 2 or body_tokens == 0:
-            return [np.arange(body_tokens)]
-        anchors = np.arange(0, body_tokens, anchor_every)
-        rest = np.setdiff1d(np.arange(body_tokens), anchors)
-        return [anchors, rest]
-
     def uses_tables(self, layers: int, hidden: int, bins: list[int]) -> bool:
         t = self.tables
         if t is None:
@@ -190,35 +176,6 @@ class CacheGenCompressor(Compressor):
                         "coding with per-chunk tables", t.layers, t.hidden, layers, hidden)
         return False
 
-    def quantized_parts(self, x: np.ndarray, bins: list[int], n_sink: int, work: np.dtype = np.float32):
-        """Yield ``(last, token index or None, bins, Quantized)`` for each non-empty coded part.
-
-        With delta coding, anchors come first (at twice the bins) and the rest
-        are quantized as differences from their anchor as the decoder will see it.
-        """
-        anchor_every = self.options.anchor_every
-        body = x[:, :, n_sink:]
-        parts = self.parts(body.shape[2], anchor_every)
-        anchors_hat = None
-        for p, index in enumerate(parts):
-            if index.size == 0:
-                continue
-            last = p == len(parts) - 1
-            part_bins = bins if last else [min(2 * b, 256) for b in bins]
-            if len(parts) == 1:
-                q = quantize(body, part_bins, self.clip)
-                yield last, None, part_bins, q
-                continue
-            block = body[:, :, index]
-            if anchors_hat is not None:
-                block = block - anchors_hat[:, :, index // anchor_every]
-            q = quantize(block, part_bins, self.clip)
-            if p == 0:
-                # The anchors exactly as the decoder will rebuild them, in its working dtype.
-                anchors_hat = dequantize_block(q, part_bins, self.clip, work).astype(np.float32)
-                anchors_hat[q.escapes] = block[q.escapes]
-            yield last, index, part_bins, q
-
     # ---- encode ----
 
     def compress(self, kv: torch.Tensor) -> bytearray:
@@ -228,13 +185,14 @@ class CacheGenCompressor(Compressor):
                              f"{tuple(kv.shape)} {kv.dtype}")
         if kv.numel() > MAX_VALUES:
             raise ValueError(f"cachegen codes chunks of at most {MAX_VALUES} values, got {kv.numel()}; use smaller chunks")
-        kv = kv.detach().contiguous().cpu()
+        kv = kv.detach().cpu()
         _, layers, tokens, hidden = kv.shape
-        raw = kv.view(torch.int16 if code != 3 else torch.int32).numpy()
-        x = kv.numpy() if code == 3 else kv.float().numpy()
-        if x.size:
+        # numpy, not torch, copies and converts: torch's OpenMP threads spin for a while
+        # after each parallel op, and that spinning took a core from the coder workers.
+        raw = np.ascontiguousarray(kv.view(torch.int16 if code != 3 else torch.int32).numpy())
+        if raw.size:
             try:
-                return self._compress_coded(x, raw, code)
+                return self._compress_coded(raw, code)
             except Uncodable:
                 pass  # non-finite or huge values: keep the chunk exact
         out = Writer()
@@ -242,11 +200,11 @@ class CacheGenCompressor(Compressor):
         out.add(raw)
         return out.getvalue()
 
-    def _compress_coded(self, x: np.ndarray, raw: np.ndarray, code: int) -> bytearray:
-        _, layers, tokens, hidden = x.shape
+    def _compress_coded(self, raw: np.ndarray, code: int) -> bytearray:
+        _, layers, tokens, hidden = raw.shape
         out = Writer()
         bins = self.bins_for(layers)
-        n_sink = self.sink_count(x)
+        n_sink = self.sink_count(raw_to_float(raw[:, :, :65], code), tokens)
         anchor_every = self.options.anchor_every
         tabled = self.uses_tables(layers, hidden, bins)
         flags = (FLAG_TABLES if tabled else 0) | (FLAG_DELTA if anchor_every >= 2 else 0)
@@ -255,56 +213,80 @@ class CacheGenCompressor(Compressor):
                  n_sink, anchor_every, self.clip)
         out.add(np.asarray(bins, dtype="<u2"))
         out.add(np.ascontiguousarray(raw[:, :, :n_sink]))
-        streams: list[Stream] = []
-        counts_sections = []
-        work = np.dtype(np.float16 if code == 1 else np.float32)
-        halves = [self._encode_half(x[k:k + 1], raw[k:k + 1], bins, n_sink, tabled, work) for k in (0, 1)]
-        for (last, qk, esc_k, streams_k), (_, qv, esc_v, streams_v) in zip(*halves):
-            out.add(qk.mean)
-            out.add(qv.mean)
-            out.add(qk.std)
-            out.add(qv.std)
-            out.pack("<I", esc_k.size + esc_v.size)
-            out.add(esc_k)
-            out.add(esc_v)
-            if streams_k is None:
-                streams.extend(self._table_streams(np.concatenate([qk.symbols, qv.symbols])))
+        raw_body = raw[:, :, n_sink:]
+        slabs = [Slab(raw_body[k, layer], b) for k in range(2) for layer, b in enumerate(bins)]
+        self._code_slabs(slabs, code, tabled)
+        all_parts = token_parts(tokens - n_sink, anchor_every)
+        coded = [(p == len(all_parts) - 1, index) for p, index in enumerate(all_parts) if index.size]
+        counts_sections, word_lists = [], []
+        for p, (last, index) in enumerate(coded):
+            parts = [slab.parts[p] for slab in slabs]
+            out.add(np.stack([part.mean16 for part in parts]))
+            out.add(np.stack([part.std16 for part in parts]))
+            escaped = []
+            for i, part in enumerate(parts):
+                part_raw = raw_body[i // layers, i % layers]
+                if len(all_parts) > 1:
+                    part_raw = part_raw[index]
+                escaped.append(part_raw.reshape(-1)[part.escapes])
+            out.pack("<I", sum(e.size for e in escaped))
+            for e in escaped:
+                out.add(e)
+            if last and tabled:
+                symbols = np.stack([part.symbols for part in parts]).reshape(2, layers, index.size, hidden)
+                table_streams = self._table_streams(symbols)
+                self._code(ENCODE, table_streams)
+                word_lists.append(table_streams)
             else:
-                part_streams = streams_k + streams_v
-                counts_sections.append(np.concatenate([s.counts for s in part_streams]))
-                streams.extend(part_streams)
+                counts_sections.append(np.concatenate([part.counts for part in parts]))
+                word_lists.append(parts)
         for counts in counts_sections:
             out.add(counts)
-        self._code(ENCODE, streams)
-        out.add(np.asarray([len(s.words) for s in streams], dtype="<u4"))
-        for s in streams:
-            out.add(s.words)
+        coded_words = [item.words for items in word_lists for item in items]
+        out.add(np.asarray([len(w) for w in coded_words], dtype="<u4"))
+        for w in coded_words:
+            out.add(w)
         return out.getvalue()
-
-    def _encode_half(self, x: np.ndarray, raw: np.ndarray, bins: list[int], n_sink: int, tabled: bool,
-                     work: np.dtype) -> list:
-        """Quantize K or V ([1, L, T, H]); per part: (last, Quantized, escaped raw values, streams or None)."""
-        body_raw = raw[:, :, n_sink:]
-        results = []
-        for last, index, part_bins, q in self.quantized_parts(x, bins, n_sink, work):
-            part_raw = body_raw if index is None else body_raw[:, :, index]
-            streams = None if (last and tabled) else self._layer_streams(q.symbols, part_bins)
-            results.append((last, q, part_raw[q.escapes], streams))
-        return results
-
-    def _layer_streams(self, symbols: np.ndarray, bins: list[int]) -> list[Stream]:
-        streams = []
-        for k in range(symbols.shape[0]):
-            for layer, b in enumerate(bins):
-                sym = symbols[k, layer].reshape(-1)
-                streams.append(Stream(class_counts(sym, b), sym, size=sym.size))
-        return streams
 
     def _table_streams(self, symbols: np.ndarray) -> list[Stream]:
         t = self.tables
         rows = np.ascontiguousarray(symbols.transpose(0, 1, 3, 2)).reshape(-1, symbols.shape[2])
         return [Stream(t.classes[c], rows[r].reshape(-1), size=r.size * rows.shape[1])
                 for c, r in enumerate(t.class_rows)]
+
+    def _borrow(self, items: list) -> list[coder_pool.CoderWorker]:
+        pool = self.pool
+        return pool.borrow(pool.size) if pool and sum(s.size for s in items) >= PARALLEL_MIN_SYMBOLS else []
+
+    def _split(self, op: int, items: list, workers: list[coder_pool.CoderWorker], here, context: bytes = b"") -> set[int]:
+        """Code ``items`` across this thread and ``workers``; give the workers back, then raise any error."""
+        failed: set[int] = set()
+        try:
+            failed, error = coder_pool.run_split(op, items, workers, here, context)
+        finally:
+            for w in workers:
+                self.pool.give_back(w, healthy=id(w) not in failed)
+        if error is not None:
+            raise error
+        return failed
+
+    def _code_slabs(self, slabs: list[Slab], code: int, tabled: bool) -> None:
+        """Quantize and code every slab (K/V, layer), split across this thread and the coder workers."""
+        anchor_every = self.options.anchor_every
+
+        def here(slab: Slab) -> None:
+            encode_slab(slab, code, self.clip, anchor_every, tabled)
+
+        workers = self._borrow(slabs)
+        if workers:
+            context = SLAB_JOB.pack(self.clip, anchor_every, code, tabled)
+            try:
+                self._split(SLABS, slabs, workers, here, context)
+            except StreamError as exc:  # a worker could not code its slabs: this thread codes them
+                log.warning("cachegen coder worker failed to encode (%s); coding in the calling thread", exc)
+        for slab in slabs:
+            if slab.parts is None:  # never run, or its worker died or failed
+                here(slab)
 
     def _code(self, op: int, streams: list[Stream]) -> None:
         models: dict[int, object] = {}
@@ -313,25 +295,14 @@ class CacheGenCompressor(Compressor):
         def here(s: Stream) -> None:
             run(op, s, table_models.get(id(s.counts)) or models.setdefault(id(s.counts), model_from_counts(s.counts)))
 
-        total = sum(s.size for s in streams)
-        pool = self.pool
-        workers = pool.borrow(pool.size) if pool and total >= PARALLEL_MIN_SYMBOLS else []
-        if not workers:
-            for s in streams:
-                here(s)
-            return
-        failed: set[int] = set()
-        try:
-            failed = coder_pool.run_split(op, streams, workers, here)
-        finally:
-            for w in workers:
-                pool.give_back(w, healthy=id(w) not in failed)
+        workers = self._borrow(streams)
+        failed = self._split(op, streams, workers, here) if workers else set()
         if failed and op == DECODE:
             # A worker died on these bytes; decoding them here could take this process down too.
             raise CorruptChunk("cachegen coder worker died while decoding this chunk")
         for s in streams:
-            if s.words is None:  # its worker died, or its words outgrew the worker's room
-                here(s)
+            if (s.words if op == ENCODE else s.values) is None:
+                here(s)  # never run, its worker died, or its words outgrew the worker's room
 
     # ---- decode ----
 
@@ -373,7 +344,7 @@ class CacheGenCompressor(Compressor):
         if tabled and not self.tables.matches(layers, hidden, bins, clip, anchor_every):
             raise CorruptChunk("cachegen payload does not match its tables' shape or bins")
         sink_raw = r.array(RAW_NUMPY[code], 2 * layers * n_sink * hidden, "sink tokens")
-        all_parts = self.parts(tokens - n_sink, anchor_every)
+        all_parts = token_parts(tokens - n_sink, anchor_every)
         metas = []
         for p, index in enumerate(all_parts):
             if index.size == 0:
@@ -389,8 +360,7 @@ class CacheGenCompressor(Compressor):
             esc = raw_to_float(r.array(RAW_NUMPY[code], n_esc, "escaped values"), code)
             part_bins = bins if p == len(all_parts) - 1 else [min(2 * b, 256) for b in bins]
             metas.append((p == len(all_parts) - 1, index, n, mean, std, esc, part_bins))
-        # fp16 output is written directly; bf16 goes through float32 (numpy has no bf16)
-        work = np.dtype(np.float16 if code == 1 else np.float32)
+        work = work_dtype(code)
         out = np.empty((2, layers, tokens, hidden), dtype=work)
         one_part = len(all_parts) == 1
         blocks, streams_by_part = [], []
@@ -442,7 +412,12 @@ class CacheGenCompressor(Compressor):
                 out[:, :, n_sink + index] = block
             elif last and tabled:
                 out[:, :, n_sink:] = block
-        return torch.from_numpy(out) if code != 2 else torch.from_numpy(out).to(dtype)
+        if code == 2:
+            # float32 -> bf16, rounding to nearest even, in numpy (see compress on torch's threads)
+            bits = out.view(np.uint32)
+            out = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+            return torch.from_numpy(out).view(torch.bfloat16)
+        return torch.from_numpy(out)
 
     def _place_table_streams(self, part: list[Stream], block: np.ndarray) -> np.ndarray:
         """Put tables-coded streams ([rows of a class, n]) into ``block`` [2, L, n, H];

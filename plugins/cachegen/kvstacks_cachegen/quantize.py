@@ -16,6 +16,20 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def raw_to_float(raw: np.ndarray, code: int) -> np.ndarray:
+    """Exact float32 of values stored as raw input-dtype bits (code 1 fp16, 2 bf16, 3 fp32)."""
+    if code == 1:
+        return raw.view("<f2").astype(np.float32)
+    if code == 2:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.view("<f4").astype(np.float32)
+
+
+def work_dtype(code: int) -> np.dtype:
+    """The dtype values are rebuilt in: fp16 for fp16 KV, float32 otherwise (numpy has no bf16)."""
+    return np.dtype(np.float16 if code == 1 else np.float32)
+
+
 class Uncodable(ValueError):
     """A block whose statistics are not finite in fp16 (non-finite or huge inputs): store it raw."""
 

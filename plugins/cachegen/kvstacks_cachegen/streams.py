@@ -16,7 +16,8 @@ import numpy as np
 
 from kvstacks_cachegen.quantize import Dequant
 
-ENCODE, DECODE = 1, 2
+#: coder jobs: encode streams, decode streams, encode slabs (:mod:`kvstacks_cachegen.slabs`)
+ENCODE, DECODE, SLABS = 1, 2, 3
 
 _ans = constriction.stream.stack.AnsCoder
 _categorical = constriction.stream.model.Categorical

@@ -158,9 +158,14 @@ def test_worker_that_died_is_replaced_by_this_thread():
     assert bytes(c.compress(kv)) == expected
 
 
-def test_words_that_outgrow_the_workers_room_are_coded_here(monkeypatch):
+@pytest.mark.parametrize("tabled", [False, True])
+def test_words_that_outgrow_the_workers_room_are_coded_here(monkeypatch, tmp_path, sample_npz, tabled):
     from kvstacks_cachegen import coder_pool
 
+    options = {}
+    if tabled:
+        run_fit("--kv", sample_npz, "--out", tmp_path / "t.json")
+        options = {"tables": tmp_path / "t.json"}
     real = coder_pool._layout
 
     def cramped(op, streams):
@@ -168,10 +173,22 @@ def test_words_that_outgrow_the_workers_room_are_coded_here(monkeypatch):
         return [(i, o, 4) for i, o, _ in places], end
 
     monkeypatch.setattr(coder_pool, "_layout", cramped)
-    kv = random_kv(8, 256, 128, seed=15)
-    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
-    assert bytes(c.compress(kv)) == bytes(make(workers=0).compress(kv))
+    kv = random_kv(3, 2048, 32, seed=15)
+    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1, **options))
+    assert bytes(c.compress(kv)) == bytes(make(**options).compress(kv))
     assert c.pool.all
+
+
+def test_a_chunk_a_worker_finds_uncodable_is_stored_exactly():
+    kv = random_kv(8, 256, 128, seed=17)
+    kv[:, :, 100, 3] = float("nan")  # in every slab, so the worker's share meets one too
+    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
+    payload = bytes(c.compress(kv))
+    assert payload == bytes(make().compress(kv))
+    decoded = c.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    assert torch.equal(decoded.view(torch.int16), kv.view(torch.int16))
+    fine = random_kv(8, 256, 128, seed=18)  # and the worker is still in step for the next chunk
+    assert bytes(c.compress(fine)) == bytes(make().compress(fine))
 
 
 def test_worker_that_dies_while_decoding_makes_a_miss_and_is_replaced(monkeypatch):
@@ -195,6 +212,18 @@ def test_worker_that_dies_while_decoding_makes_a_miss_and_is_replaced(monkeypatc
     assert new is not old and new.proc.poll() is None
     decoded = c.decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
     assert torch.equal(decoded, make(workers=0).decompress(memoryview(payload), tuple(kv.shape), kv.dtype))
+
+
+def test_corrupt_streams_split_across_workers_are_a_miss_and_leave_them_in_step():
+    kv = random_kv(8, 256, 128, seed=19)
+    c = CacheGenCompressor(CacheGenCompressor.Options(workers=1))
+    payload = bytes(c.compress(kv))
+    bad = bytearray(payload)
+    bad[len(bad) // 2:] = bytes([0xA5]) * (len(bad) - len(bad) // 2)  # the second half is all stream words
+    with pytest.raises(CorruptChunk):
+        c.decompress(memoryview(bytes(bad)), tuple(kv.shape), kv.dtype)
+    expected = make().decompress(memoryview(payload), tuple(kv.shape), kv.dtype)
+    assert torch.equal(c.decompress(memoryview(payload), tuple(kv.shape), kv.dtype), expected)
 
 
 # ---- hostile bytes ----
