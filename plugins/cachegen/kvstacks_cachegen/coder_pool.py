@@ -1,4 +1,4 @@
-"""Coder worker processes, so two chunks' (or one chunk's) streams code at once.
+"""Coder worker processes, so a chunk's slabs (encode) or streams (decode) code on every core.
 
 Each worker shares a file with this process (the arena, see
 :mod:`kvstacks_cachegen.coder_worker`): a job's inputs are written there, the
@@ -297,7 +297,8 @@ def default_workers() -> int:
     return max(0, min(cpus - 1, 4))
 
 
-#: the caller's share of a split, relative to a worker's: it also places values and escapes
+#: the caller's share of a split, relative to a worker's: it also copies the workers' outputs
+#: into place and assembles the chunk
 CALLER_SHARE = 0.9
 
 

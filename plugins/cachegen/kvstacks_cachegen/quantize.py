@@ -42,11 +42,6 @@ class Quantized:
     escapes: np.ndarray  # bool [2, L, n, H]
 
 
-def layer_half_widths(bins: list[int]) -> np.ndarray:
-    """``m`` per layer as float32 [1, L, 1, 1] for broadcasting."""
-    return (np.asarray(bins, dtype=np.float32) // 2 - 1).reshape(1, -1, 1, 1)
-
-
 def steps(std16: np.ndarray, clip: float, half_widths: np.ndarray | np.float32) -> np.ndarray:
     """Step sizes from fp16 stds (broadcast against ``half_widths``); a zero std
     gets a tiny step so its values quantize to the mean (exact) or escape (exact).
