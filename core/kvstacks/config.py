@@ -43,13 +43,44 @@ class TierConfig:
     path: str  # where in the YAML, for errors at runtime
 
 
+#: The offload queue's byte budget when neither the YAML nor the top tier's capacity sizes it.
+DEFAULT_QUEUE_BYTES = 1 << 30
+#: Bounds of the offload settings: beyond them a value is a typo, not a tuning.
+MAX_OFFLOAD_RETRIES = 100
+MAX_OFFLOAD_WORKERS = 256
+MAX_BACKOFF_S = 3600.0
+
+
 @dataclass
 class OffloadConfig:
-    queue_bytes: Size = Size(1 << 30)
+    #: null: a quarter of the top tier's capacity, at most 1 GiB (1 GiB when the top tier is unbounded)
+    queue_bytes: Size | None = None
     when_full: Literal["drop", "wait"] = "drop"
     retries: int = 3
     backoff_s: float = 0.05
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        # Always under the stack's top-level ``offload`` key, so the full YAML path is known here.
+        if self.queue_bytes is not None and self.queue_bytes <= 0:
+            raise ConfigError("offload.queue_bytes", f"must be a positive size such as 256MiB (or null to size it "
+                                                     f"from the top tier), got {self.queue_bytes}")
+        if not 0 <= self.retries <= MAX_OFFLOAD_RETRIES:
+            raise ConfigError("offload.retries", f"must be between 0 (one try, no retry) and {MAX_OFFLOAD_RETRIES}, "
+                                                 f"got {self.retries}")
+        if not 0 <= self.backoff_s <= MAX_BACKOFF_S:  # also refuses nan
+            raise ConfigError("offload.backoff_s", f"must be seconds between 0 and {MAX_BACKOFF_S:g}, got {self.backoff_s}")
+        if not 1 <= self.workers <= MAX_OFFLOAD_WORKERS:
+            raise ConfigError("offload.workers", f"must be between 1 and {MAX_OFFLOAD_WORKERS} writers per lower tier, "
+                                                 f"got {self.workers}")
+
+    def queue_budget(self, top_capacity: int | None) -> int:
+        """The queue's byte budget: as configured, else sized from the top tier's capacity."""
+        if self.queue_bytes is not None:
+            return int(self.queue_bytes)
+        if top_capacity is None:
+            return DEFAULT_QUEUE_BYTES
+        return max(1, min(DEFAULT_QUEUE_BYTES, top_capacity // 4))
 
 
 @dataclass

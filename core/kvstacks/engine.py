@@ -65,7 +65,8 @@ class CacheEngine:
         except BaseException:
             self.io.stop()
             raise
-        self.offloader = Offloader(self.io, self.tiers[1:], config.offload, self._offloaded)
+        self.offloader = Offloader(self.io, self.tiers[1:], config.offload, self._offloaded,
+                                   config.offload.queue_budget(self.tiers[0].capacity))
         self.requests = 0
         self.query_tokens = 0
         self.hit_tokens = 0
@@ -184,8 +185,7 @@ class CacheEngine:
         except TierFull:
             return False
         except Exception as exc:
-            top.stats.errors += 1
-            log.warning("tier %s: put failed: %s", top.name, exc)
+            top.failed("put", exc)
             return False
         if evicted:
             self._drop_victims(0, evicted)
@@ -205,8 +205,7 @@ class CacheEngine:
         for result in self.io.run(put_all()):
             if isinstance(result, BaseException):
                 if not isinstance(result, TierFull):
-                    top.stats.errors += 1
-                    log.warning("tier %s: put failed: %s", top.name, result)
+                    top.failed("put", result)
                 kept.append(False)
             else:
                 evicted_keys.extend(k for k, _ in result)
@@ -417,7 +416,7 @@ class CacheEngine:
                 except TierFull:
                     pass
                 except Exception as exc:
-                    log.warning("tier %s: promotion failed: %s", top.name, exc)
+                    top.failed("promotion", exc)
             targets = [t for t in self.tiers[1 if top.in_process else 0:level] if not t.has(obj.key)]
             leased = raw.get(j)
             # A decoded copy no longer needs the read buffer; raw KV does until it is written up.
@@ -638,6 +637,8 @@ class CacheEngine:
         except Exception as exc:
             log.warning("closing backends: %s", exc)
         self.io.stop()
+        for tier in self.tiers:
+            tier.burst.flush()  # the count of a burst still held back
         metrics.untrack(self)
 
     async def _shutdown(self) -> None:

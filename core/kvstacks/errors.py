@@ -27,6 +27,14 @@ class CorruptChunk(KVStacksError):
     """
 
 
+class PermanentError(KVStacksError):
+    """A backend failure that retrying cannot fix (the operator must act); never retried.
+
+    Backends may raise it; ``OSError`` with ``ENOSPC``, ``EROFS``, ``EACCES``... counts as
+    permanent too (see ``kvstacks.faults``).
+    """
+
+
 class TierFull(KVStacksError):
     """A tier cannot make room (everything left is pinned or in use)."""
 

@@ -35,7 +35,7 @@ COUNTERS = {
     "rejected": "Chunks refused because nothing evictable was left",
     "errors": "Backend calls that failed",
     "corrupt": "Chunks that failed validation and were dropped",
-    "dropped": "Offloads given up (queue full or retries exhausted)",
+    "dropped": "Offloads given up (queue or tier full, a permanent failure, retries exhausted, or pending at close)",
     "bytes_written": "Bytes written to the tier",
     "bytes_read": "Bytes read from the tier",
 }
@@ -61,6 +61,8 @@ class TierCollector(Collector):
         labels = ["model", "tier"]
         counters = {k: CounterMetricFamily(f"kvstacks_tier_{k}", doc, labels=labels) for k, doc in COUNTERS.items()}
         gauges = {k: GaugeMetricFamily(f"kvstacks_tier_{k}", doc, labels=labels) for k, doc in GAUGES.items()}
+        kinds = CounterMetricFamily("kvstacks_tier_errors_by_kind", "Failed backend calls by kind (errno name or "
+                                    "exception class)", labels=[*labels, "kind"])
         for engine in list(_engines):
             for tier, snap in engine.stats().items():
                 values = [engine.config.model, tier]
@@ -69,8 +71,11 @@ class TierCollector(Collector):
                 for k, family in gauges.items():
                     if snap.get(k) is not None:
                         family.add_metric(values, snap[k])
+                for kind, count in snap.get("error_kinds", {}).items():
+                    kinds.add_metric([*values, kind], count)
         yield from counters.values()
         yield from gauges.values()
+        yield kinds
 
 
 REGISTRY.register(TierCollector())

@@ -2,8 +2,10 @@
 
 The caller never waits on a lower tier: ``submit`` either queues the write or,
 when the queue's byte budget is spent, drops it (counted) or waits, as the
-stack's ``offload.when_full`` says. A write that keeps failing is retried with
-exponential backoff, then dropped and counted; it never raises into ``store``.
+stack's ``offload.when_full`` says. A write that fails transiently is retried with
+exponential backoff, then dropped and counted; one that fails permanently (disk full,
+read-only, permission denied: see ``kvstacks.faults``) is dropped at once. Nothing
+raises into ``store``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ class Job:
 
 class Offloader:
     def __init__(self, io: IOLoop, tiers: list[Tier], config: OffloadConfig,
-                 on_stored: Callable[[Tier, CacheKey, list[tuple[CacheKey, int]]], None]) -> None:
+                 on_stored: Callable[[Tier, CacheKey, list[tuple[CacheKey, int]]], None],
+                 queue_bytes: int) -> None:
         self.io = io
         self.config = config
+        #: the byte budget of everything queued (``config.queue_budget`` of the top tier's capacity)
+        self.queue_bytes = queue_bytes
         self.on_stored = on_stored
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -51,13 +56,13 @@ class Offloader:
         for tier in tiers:
             queue: asyncio.Queue[Job] = asyncio.Queue()
             self._queues[tier.name] = queue
-            for _ in range(max(1, self.config.workers)):
+            for _ in range(self.config.workers):
                 self._workers.append(asyncio.get_running_loop().create_task(self._work(queue)))
 
     def submit(self, job: Job) -> bool:
         """Queue a write from any thread; False when dropped for lack of room."""
         with self._cond:
-            budget = self.config.queue_bytes
+            budget = self.queue_bytes
             if self._queued_bytes + job.nbytes > budget and self._queued_bytes > 0:
                 # The loop thread must never wait on itself: it drops instead.
                 if self.config.when_full == "drop" or self.io.in_loop_thread:
@@ -79,14 +84,20 @@ class Offloader:
             job = await queue.get()
             try:
                 await self._write(job)
+            except asyncio.CancelledError:
+                job.tier.stats.dropped += 1  # closing with this write unfinished
+                raise
             finally:
-                if job.done:
-                    job.done()
-                with self._cond:
-                    self._queued_bytes -= job.nbytes
-                    self._pending -= 1
-                    self.depth[job.tier.name] -= 1
-                    self._cond.notify_all()
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        if job.done:
+            job.done()
+        with self._cond:
+            self._queued_bytes -= job.nbytes
+            self._pending -= 1
+            self.depth[job.tier.name] -= 1
+            self._cond.notify_all()
 
     async def _write(self, job: Job) -> None:
         tier = job.tier
@@ -95,12 +106,13 @@ class Offloader:
             try:
                 victims = await tier.aput(job.key, job.obj)
             except TierFull:
-                return  # counted and logged by the tier; retrying cannot make room
+                tier.stats.dropped += 1  # the refusal is logged by the tier; retrying cannot make room
+                return
             except Exception as exc:
-                tier.stats.errors += 1
-                if attempt == self.config.retries:
+                # Counted by kind and logged once per burst; a permanent failure (a full or
+                # read-only disk) is not retried: backing off would only delay the drop.
+                if tier.failed("offload write", exc) or attempt == self.config.retries:
                     tier.stats.dropped += 1
-                    log.warning("tier %s: giving up on a chunk after %d tries: %s", tier.name, attempt + 1, exc)
                     return
                 tier.stats.retries += 1
                 await asyncio.sleep(delay)
@@ -108,6 +120,7 @@ class Offloader:
                 continue
             self.on_stored(tier, job.key, victims)
             return
+        tier.stats.dropped += 1  # unreachable with a validated config; a dropped write is counted regardless
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until every queued write finished; False on timeout."""
@@ -115,6 +128,12 @@ class Offloader:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     async def stop(self) -> None:
+        """Stop the writers; writes still queued are dropped (counted) and their memory let go."""
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        for queue in self._queues.values():
+            while not queue.empty():
+                job = queue.get_nowait()
+                job.tier.stats.dropped += 1
+                self._finish(job)

@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kvstacks import metrics
+from kvstacks import faults, metrics
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.compression import Compressor
 from kvstacks.config import TierConfig
@@ -40,8 +40,9 @@ class TierStats:
     stores: int = 0
     rejected: int = 0       # refused for lack of evictable room (full of pins or in-use chunks)
     errors: int = 0         # backend calls that raised
+    error_kinds: Counter[str] = field(default_factory=Counter)  # errors by kind (ENOSPC, ConnectionError, ...)
     corrupt: int = 0        # chunks that failed validation and were dropped
-    dropped: int = 0        # offloads given up (queue full or retries exhausted)
+    dropped: int = 0        # offloads given up (queue or tier full, a permanent failure, retries exhausted, closed)
     retries: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
@@ -75,8 +76,19 @@ class Tier:
         self.stats = TierStats()
         self.lock = threading.RLock()
         self._last_full_log = 0.0
+        self.burst = faults.BurstLog(log)
         self.write_seconds = metrics.TIER_WRITE_SECONDS.labels(model, self.name)
         self.read_seconds = metrics.TIER_READ_SECONDS.labels(model, self.name)
+
+    def failed(self, what: str, exc: BaseException) -> bool:
+        """Count a failed backend call by kind and log it (one line per burst); return whether it is permanent."""
+        permanent = faults.is_permanent(exc)
+        kind = faults.kind(exc)
+        self.stats.errors += 1
+        self.stats.error_kinds[kind] += 1
+        self.burst.warning(f"{what}:{kind}", f"tier {self.name}: {what} failed ({kind}, "
+                                             f"{'permanent' if permanent else 'transient'}): {exc}")
+        return permanent
 
     # -- bookkeeping (sync, under the lock) ---------------------------------
 
@@ -232,6 +244,7 @@ class Tier:
                 "stores": s.stores,
                 "rejected": s.rejected,
                 "errors": s.errors,
+                "error_kinds": dict(s.error_kinds),
                 "corrupt": s.corrupt + self.backend.corrupt_count,
                 "dropped": s.dropped,
                 "retries": s.retries,
@@ -272,8 +285,7 @@ class Tier:
         try:
             self.backend.put_now(key, encoded)
         except Exception:
-            self.forget(key)
-            self.stats.errors += 1
+            self.forget(key)  # the caller counts the failure
             raise
         self.stats.bytes_written += encoded.nbytes
         if not victims:
@@ -325,8 +337,7 @@ class Tier:
             try:
                 await self.backend.remove(victim)
             except Exception as exc:
-                self.stats.errors += 1
-                log.warning("tier %s: could not remove evicted chunk: %s", self.name, exc)
+                self.failed("remove of an evicted chunk", exc)
         return victims
 
     async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
@@ -341,8 +352,7 @@ class Tier:
             else:
                 obj = await self.backend.get(key)
         except Exception as exc:
-            self.stats.errors += 1
-            log.warning("tier %s: get failed, treating as a miss: %s", self.name, exc)
+            self.failed("get (a miss)", exc)
             return None
         if obj is None:
             self.forget(key)
@@ -371,8 +381,7 @@ class Tier:
         try:
             objs = await self.backend.batch_get(keys)
         except Exception as exc:
-            self.stats.errors += 1
-            log.warning("tier %s: get failed, treating as misses: %s", self.name, exc)
+            self.failed("get (misses)", exc)
             return [None] * len(keys)
         elapsed = (time.perf_counter() - started) / max(1, len(keys))
         for key, obj in zip(keys, objs):
@@ -388,8 +397,7 @@ class Tier:
         try:
             return await self.backend.batch_contains(keys)
         except Exception as exc:
-            self.stats.errors += 1
-            log.warning("tier %s: lookup failed, treating as misses: %s", self.name, exc)
+            self.failed("lookup (misses)", exc)
             return [False] * len(keys)
 
     async def aremove(self, key: CacheKey) -> bool:
@@ -400,8 +408,7 @@ class Tier:
         try:
             return await self.backend.remove(key) or known
         except Exception as exc:
-            self.stats.errors += 1
-            log.warning("tier %s: remove failed: %s", self.name, exc)
+            self.failed("remove", exc)
             return known
 
     async def aclear(self) -> int:
@@ -412,8 +419,7 @@ class Tier:
         try:
             await self.backend.clear()
         except Exception as exc:
-            self.stats.errors += 1
-            log.warning("tier %s: clear failed: %s", self.name, exc)
+            self.failed("clear", exc)
         return len(keys)
 
     async def rebuild_index(self) -> int:

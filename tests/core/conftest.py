@@ -63,6 +63,7 @@ class RemoteDictBackend(Backend):
         super().__init__(options)
         self.data = STORES.setdefault(self.options.store, {})
         self.down = False
+        self.put_error: BaseException | None = None  # raised by every put while set
         self.puts = 0
         self.released = 0
         self._rng = random.Random(7)
@@ -73,6 +74,8 @@ class RemoteDictBackend(Backend):
 
     async def put(self, key, obj):
         self._check()
+        if self.put_error is not None:
+            raise self.put_error
         await asyncio.sleep(self.options.delay * (self._rng.random() if self.options.jitter else 1))
         self.puts += 1
         self.data[key] = MemoryObj(key, obj.data.clone(), obj.shape, obj.dtype, obj.compressor)
