@@ -58,6 +58,8 @@ class CacheEngine:
                 raise in_tier(tc.path, exc) from None
             self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model))
         self._by_name = {t.name: t for t in self.tiers}
+        for tier in self.tiers:
+            tier.on_lost = lambda keys, tier=tier: self._lost(tier, keys)
         self._write_back = config.write_mode == "back" and len(self.tiers) > 1
         self.io = IOLoop()
         try:
@@ -247,13 +249,35 @@ class CacheEngine:
 
         return done
 
+    def _put_in_process(self, tier: Tier, key: CacheKey, obj: MemoryObj, encode: bool = True) -> None:
+        """Store in an in-process tier outside ``store``: victims demoted (write-back), everything reported."""
+        evicted = tier.put_now(key, obj, encode, keep_victims=self._write_back)
+        if evicted:
+            self._drop_victims(self.tiers.index(tier), evicted)
+        self._reported(tier, key, [k for k, _ in evicted])
+
+    async def _put(self, tier: Tier, key: CacheKey, obj: MemoryObj, encode: bool = True) -> None:
+        """Store in any tier from the I/O loop; every path that admits or evicts outside ``store``
+        goes through here (or ``_put_in_process``), so the controller hears of each change."""
+        if tier.in_process:
+            self._put_in_process(tier, key, obj, encode)
+        else:
+            self._reported(tier, key, [k for k, _ in await tier.aput(key, obj, encode)])
+
+    def _reported(self, tier: Tier, key: CacheKey, victims: list[CacheKey]) -> None:
+        pm.hook.chunks_admitted(engine=self, tier=tier.name, keys=[key])
+        if victims:
+            pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=victims)
+
+    def _lost(self, tier: Tier, keys: list[CacheKey]) -> None:
+        """A tier found chunks gone or corrupt on read and forgot them."""
+        pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=keys)
+
     def _submit(self, target: Tier, obj: MemoryObj, done: Any = None) -> None:
         self.offloader.submit(Job(target, obj.key, obj, obj.nbytes, done))
 
     def _offloaded(self, tier: Tier, key: CacheKey, victims: list[tuple[CacheKey, int]]) -> None:
-        pm.hook.chunks_admitted(engine=self, tier=tier.name, keys=[key])
-        if victims:
-            pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[k for k, _ in victims])
+        self._reported(tier, key, [k for k, _ in victims])
 
     # -- lookup ----------------------------------------------------------------
 
@@ -409,10 +433,7 @@ class CacheEngine:
                 continue
             if top.in_process and not top.has(obj.key):
                 try:
-                    evicted = top.put_now(obj.key, obj, keep_victims=self._write_back)
-                    if evicted:
-                        self._drop_victims(0, evicted)
-                        pm.hook.chunks_evicted(engine=self, tier=top.name, keys=[k for k, _ in evicted])
+                    self._put_in_process(top, obj.key, obj)
                 except TierFull:
                     pass
                 except Exception as exc:
@@ -508,11 +529,10 @@ class CacheEngine:
             if obj is None:
                 break
             try:
-                await target.aput(key, obj)
+                await self._put(target, key, obj)
             except Exception as exc:
                 log.warning("move to %s stopped: %s", target.name, exc)
                 break
-            pm.hook.chunks_admitted(engine=self, tier=target.name, keys=[key])
             if not copy:
                 await source.aremove(key)
                 pm.hook.chunks_evicted(engine=self, tier=source.name, keys=[key])
@@ -543,7 +563,13 @@ class CacheEngine:
             encoded = await asyncio.to_thread(coder.encode, obj) if coder.name != "none" else obj
             pinned = key in tier.pins
             await tier.aremove(key)
-            await tier.aput(key, encoded, encode=False)
+            try:
+                await self._put(tier, key, encoded, encode=False)
+            except Exception as exc:
+                # Removed and not stored again (no room for a bigger encoding): it is gone.
+                pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[key])
+                log.warning("tier %s: re-encoding with %s stopped: %s", tier.name, coder.name, exc)
+                break
             if pinned:
                 tier.pin(key, None)
             done += 1
@@ -584,12 +610,9 @@ class CacheEngine:
         tokens = 0
         for obj in objs:
             try:
-                victims = await target.aput(obj.key, obj)
+                await self._put(target, obj.key, obj)
             except TierFull:
                 break
-            pm.hook.chunks_admitted(engine=self, tier=target.name, keys=[obj.key])
-            if victims:
-                pm.hook.chunks_evicted(engine=self, tier=target.name, keys=[k for k, _ in victims])
             tokens += obj.shape[2]
         return tokens
 

@@ -74,6 +74,8 @@ class Tier:
         # Chunks being read are not chosen as victims; the backend's leases keep their memory safe.
         self.in_use: Counter[CacheKey] = Counter()
         self.stats = TierStats()
+        #: Told of chunks the tier forgot on its own (gone or corrupt on read), so the engine can report them.
+        self.on_lost: Callable[[list[CacheKey]], None] | None = None
         self.lock = threading.RLock()
         self._last_full_log = 0.0
         self.burst = faults.BurstLog(log)
@@ -163,6 +165,11 @@ class Tier:
             self.policy.remove(key)
             self.pins.pop(key, None)
             return True
+
+    def lose(self, key: CacheKey) -> None:
+        """Forget a chunk found gone or corrupt, and say so (unlike ``forget``, which the caller reports)."""
+        if self.forget(key) and self.on_lost is not None:
+            self.on_lost([key])
 
     def forget_all(self) -> list[CacheKey]:
         with self.lock:
@@ -355,14 +362,14 @@ class Tier:
             self.failed("get (a miss)", exc)
             return None
         if obj is None:
-            self.forget(key)
+            self.lose(key)
             return None
         try:
             decoded = await asyncio.to_thread(self.decode, obj) if decode and obj.compressor != "none" else obj
         except CorruptChunk as exc:
             self.stats.corrupt += 1
             log.warning("tier %s: dropping corrupt chunk %s: %s", self.name, key, exc)
-            self.forget(key)
+            self.lose(key)
             try:
                 await self.backend.remove(key)
             except Exception:
@@ -386,7 +393,7 @@ class Tier:
         elapsed = (time.perf_counter() - started) / max(1, len(keys))
         for key, obj in zip(keys, objs):
             if obj is None:
-                self.forget(key)
+                self.lose(key)
                 continue
             self.stats.bytes_read += obj.nbytes
             self.read_seconds.observe(elapsed)

@@ -82,3 +82,56 @@ async def admit(
     )
     assert r.status_code == 200, r.text
     return r.json()
+
+
+class LiveController:
+    """The real app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, **settings) -> None:
+        import threading
+
+        import uvicorn
+        from kvstacks.testing import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cluster = Cluster(Settings(port=self.port, **settings))
+        config = uvicorn.Config(
+            create_app(cluster=self.cluster), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="live-controller", daemon=True)
+        self.thread.start()
+        self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        self.wait(lambda: self.server.started, "the controller to start", timeout=30)
+
+    def lookup(self, tokens: list[int]) -> dict:
+        r = self.http.post("/lookup", json={"tokens": tokens})
+        assert r.status_code == 200, r.text
+        return r.json()["layout_info"]
+
+    @staticmethod
+    def wait(predicate, what: str, timeout: float = 10.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(0.02)
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+
+    def close(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_controller():
+    """One controller for a module's tests; each test registers its own instance ids."""
+    controller = LiveController()
+    yield controller
+    controller.close()

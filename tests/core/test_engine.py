@@ -170,6 +170,23 @@ def test_write_back_demotes_victims_only():
         assert n == 16 and torch.equal(out, kv_for(16, seed=0))
 
 
+def test_write_back_demotes_what_an_import_into_a_full_top_tier_evicts():
+    # Fails before the fix: import_chunks and move dropped the top tier's victims, so with
+    # write-back (victims held nowhere else) the data was lost.
+    STORES.pop("wb-import", None)
+    chunk = 2 * LAYERS * 16 * HIDDEN * 2
+    stack = [{"backend": "test-dict", "capacity": 2 * chunk}, {"backend": "test-remote", "store": "wb-import"}]
+    with make(stack, write_mode="back", offload={"queue_bytes": "1MiB"}) as e, make([{"backend": "test-dict"}]) as other:
+        mine, theirs = list(range(32)), list(range(100, 132))
+        e.store(mine, kv_for(32))
+        other.store(theirs, kv_for(32, seed=1))
+        assert e.import_chunks(other.export_chunks(theirs)) == 32  # evicts both of mine from the top
+        assert e.flush(5)
+        assert e.lookup_tiers(mine) == {"test-dict": 0, "test-remote": 32}
+        out, n = e.retrieve(mine)
+        assert n == 32 and torch.equal(out, kv_for(32))
+
+
 def test_a_dead_lower_tier_never_raises_into_the_caller():
     STORES.pop("dead", None)
     stack = [{"backend": "test-dict"}, {"backend": "test-remote", "store": "dead"}]

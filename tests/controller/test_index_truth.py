@@ -1,0 +1,120 @@
+"""The controller's index matches what a real engine holds, whatever path changed it.
+
+A real engine (cpu over disk) with its agent reports to a real controller on
+loopback; every check goes through ``POST /lookup``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from kvstacks import CacheEngine
+from kvstacks.testing import require
+
+CHUNK = 4
+CHUNK_BYTES = 2 * 1 * CHUNK * 8 * 2  # [2, 1 layer, 4 tokens, 8] fp16
+_instances = itertools.count()
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def kv(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 1, n, 8, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+
+
+@pytest.fixture
+def make_engine(live_controller, tmp_path):
+    require("kvstacks_cpu", "pip install -e plugins/cpu")
+    require("kvstacks_disk", "pip install -e plugins/disk")
+    engines = []
+
+    def make(cpu_chunks: int = 4, **controller) -> CacheEngine:
+        instance = f"truth-{next(_instances)}"
+        engine = CacheEngine.from_config(
+            {
+                "model": "m",
+                "chunk_size": CHUNK,
+                "offload": {"queue_bytes": "1MiB"},  # the default, a quarter of this tiny cpu tier, drops
+                "stack": [
+                    {"backend": "cpu", "capacity": cpu_chunks * CHUNK_BYTES},
+                    {"backend": "disk", "path": str(tmp_path / instance), "capacity": "1MiB"},
+                ],
+                "controller": {
+                    "url": live_controller.url,
+                    "instance_id": instance,
+                    "heartbeat_interval": 0.2,
+                    "flush_interval": 0.01,
+                    **controller,
+                },
+            }
+        )
+        engine.instance = instance
+        engines.append(engine)
+        live_controller.wait(lambda: engine.agent.registered, "the agent to register")
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def layout(controller, engine, tokens):
+    return controller.lookup(tokens).get(engine.instance)
+
+
+def held(controller, engine, tier: str) -> int:
+    """Chunks the controller's index says ``engine`` holds in ``tier``."""
+    worker = controller.cluster.registry.get(engine.instance, 0)
+    return controller.cluster.index.count(worker.holders[tier]) if worker else -1
+
+
+def test_a_move_that_fills_cpu_reports_what_it_evicted(live_controller, make_engine):
+    # Fails before the fix: engine._move ignored the victims of the target's put, so /lookup kept
+    # answering ["cpu", 12] for a prompt the worker no longer held (issue 10, item 1).
+    engine = make_engine(cpu_chunks=4)
+    a, b = list(range(12)), list(range(100, 116))
+    engine.store(a, kv(12))
+    engine.store(b, kv(16, seed=1))
+    assert engine.flush(10)
+    engine.clear("cpu")
+    assert engine.move(a, "disk", "cpu", copy=False) == 12  # a is now only in cpu
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["cpu", 12], "a indexed in cpu")
+    assert engine.move(b, "disk", "cpu", copy=False) == 16  # fills cpu: a's chunks evicted, held nowhere
+    assert engine.lookup(a) == 0
+    live_controller.wait(lambda: layout(live_controller, engine, a) is None, "a gone from /lookup")
+    assert layout(live_controller, engine, b) == ["cpu", 16]
+
+
+def test_a_promotion_is_reported_and_survives_clearing_the_lower_tier(live_controller, make_engine):
+    # Fails before the fix: promotion reported evictions but not admissions, so /lookup said disk,
+    # and clearing disk made the instance vanish although cpu held the prompt (issue 10, item 2).
+    engine = make_engine(cpu_chunks=8)
+    a = list(range(12))
+    engine.store(a, kv(12))
+    assert engine.flush(10)
+    engine.clear("cpu")
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["disk", 12], "a indexed in disk only")
+    _, n = engine.retrieve(a)
+    assert n == 12 and engine.lookup_tiers(a) == {"cpu": 12, "disk": 12}
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["cpu", 12], "the promotion indexed")
+    engine.clear("disk")
+    live_controller.wait(lambda: held(live_controller, engine, "disk") == 0, "the disk clear indexed")
+    assert layout(live_controller, engine, a) == ["cpu", 12]
+
+
+def test_chunks_a_tier_finds_gone_on_read_leave_the_index(live_controller, make_engine, tmp_path):
+    # Fails before the fix: a tier forgot chunks it found missing on read without a report.
+    engine = make_engine()
+    a = list(range(12))
+    engine.store(a, kv(12))
+    assert engine.flush(10)
+    engine.clear("cpu")
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["disk", 12], "a indexed in disk")
+    for path in (tmp_path / engine.instance).rglob("*"):
+        if path.is_file():
+            path.unlink()  # behind the engine's back
+    assert engine.retrieve(a) == (None, 0)
+    live_controller.wait(lambda: layout(live_controller, engine, a) is None, "the lost chunks unindexed")
+
