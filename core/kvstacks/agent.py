@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -65,6 +65,8 @@ class AgentOptions:
     max_pending: int = 1 << 18
     #: Transfer channels to open (default: every installed one).
     transfer_channels: list[str] | None = None
+    #: Options of each transfer channel, by name (e.g. ``{tcp: {max_frame_bytes: 256MiB}}``).
+    transfer_options: dict[str, Any] = field(default_factory=dict)
     max_command_bytes: Size = Size(64 << 20)
 
 
@@ -84,7 +86,27 @@ def parse_options(section: Any) -> AgentOptions:
             raise ConfigError(f"controller.{name}", "must be a positive integer")
     if not 0 <= options.listen_port < 65536:
         raise ConfigError("controller.listen_port", "must be 0 (any free port) or a port number")
+    options.transfer_options = _channel_options(options)
     return options
+
+
+def _channel_options(options: AgentOptions) -> dict[str, Any]:
+    """Each channel's options section checked against its ``Options`` (at config time, not at listen)."""
+    from kvstacks.config import build_options
+    from kvstacks.plugins import registry
+
+    reg = registry()
+    installed = reg.names("transfer_channels")
+    opened = installed if options.transfer_channels is None else options.transfer_channels
+    built = {}
+    for name, section in options.transfer_options.items():
+        path = f"controller.transfer_options.{name}"
+        if name not in opened:
+            raise ConfigError(path, f"no such channel is opened here; opened: {', '.join(opened) or 'none'}")
+        if ("transfer_channels", name) not in reg:
+            continue  # reported with its install hint when the channels open
+        built[name] = build_options(reg.get("transfer_channels", name).Options, section, path)
+    return built
 
 
 class ControllerRefused(Exception):
@@ -145,7 +167,7 @@ class Agent:
                     f"{name!r} is not installed; installed: "
                     f"{', '.join(reg.names('transfer_channels')) or 'none'}",
                 )
-            channel = reg.create("transfer_channels", name)
+            channel = reg.create("transfer_channels", name, self.options.transfer_options.get(name))
             try:
                 address = channel.listen(self.options.listen_host, 0, self._receive, self.token)
             except Exception as exc:

@@ -20,7 +20,9 @@ from typing import Any, Callable, ClassVar
 from kvstacks.errors import KVStacksError
 from kvstacks.memory import MemoryObj
 
-#: The receiving side's handler: ``(objs, meta) -> answer``; raises to refuse.
+#: The receiving side's handler: ``(objs, meta) -> answer``; raises to refuse. A channel may call
+#: it several times for one transfer, each time with the next chunks in order; the ``num_tokens``
+#: of the answers add up, and a batch stored only in part ends the transfer.
 Receiver = Callable[[list[MemoryObj], dict[str, Any]], dict[str, Any]]
 
 

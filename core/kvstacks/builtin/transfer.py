@@ -6,7 +6,13 @@ Request::
     count x (u64 frame_len, frame)            # kvstacks.frame, checksummed
 
 Answer: ``u32 len`` + JSON (``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``).
-Every length is checked against caps before anything is allocated.
+
+A receiver trusts nothing before the token: the header and token must arrive within
+``header_timeout``; only then are frames read. A frame's declared length is checked
+against the caps, and its bytes land in memory that is committed page by page as they
+arrive, so a peer declaring a huge frame and sending nothing costs nothing. A transfer
+silent for ``idle_timeout`` is dropped, and at most ``max_connections`` are served at
+once (more are refused at once, answered "busy").
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import mmap
 import socket
 import socketserver
 import struct
@@ -40,15 +47,33 @@ MAX_META = 64 << 10
 MAX_ANSWER = 1 << 20
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
+#: Below this, a read goes into a plain bytearray; above, into anonymous memory committed as it fills.
+_LAZY_FROM = 1 << 20
+
+
+def _read_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray | mmap.mmap:
+    """``n`` bytes from ``sock``; with ``deadline`` (monotonic), all of them by then.
+
+    A large read goes into an anonymous mapping: its pages are committed only when bytes
+    are written there, so a declared length costs memory only as the bytes arrive
+    (``bytearray(n)`` would zero, and so commit, all of it at once).
+    """
+    buf: bytearray | mmap.mmap = bytearray(n) if n < _LAZY_FROM else mmap.mmap(-1, n)
     view = memoryview(buf)
     got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
-        got += k
+    try:
+        while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout(f"{got} of {n} bytes arrived in time")
+                sock.settimeout(left)
+            k = sock.recv_into(view[got:], n - got)
+            if not k:
+                raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
+            got += k
+    finally:
+        view.release()
     return buf
 
 
@@ -79,13 +104,31 @@ class TcpChannel(TransferChannel):
 
     @dataclass
     class Options:
+        #: Chunks in one transfer.
         max_chunks: int = 1 << 20
+        #: Largest chunk frame accepted (header + payload); larger is refused before it is read.
         max_frame_bytes: Size = Size(1 << 30)
+        #: Bytes in one transfer.
         max_transfer_bytes: Size = Size(64 << 30)
+        #: Received chunks are handed to the engine in batches of about this many bytes, so an
+        #: incoming transfer holds at most one batch (plus one frame) in memory.
+        batch_bytes: Size = Size(256 << 20)
+        #: Transfers received at once; a connection beyond them is answered "busy" and closed.
+        max_connections: int = 8
+        #: Seconds a sender has to send its header and token after connecting.
+        header_timeout: float = 10.0
+        #: Seconds without a byte before a half-received transfer is dropped.
         idle_timeout: float = 60.0
+
+        def __post_init__(self) -> None:
+            for name in ("max_chunks", "max_frame_bytes", "max_transfer_bytes", "batch_bytes", "max_connections",
+                         "header_timeout", "idle_timeout"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
+        self._slots = threading.BoundedSemaphore(self.options.max_connections)
         self._server: socketserver.ThreadingTCPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,7 +139,13 @@ class TcpChannel(TransferChannel):
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                channel._serve(self.request, receive, token)
+                if not channel._slots.acquire(blocking=False):
+                    channel._refuse_busy(self.request)
+                    return
+                try:
+                    channel._serve(self.request, receive, token)
+                finally:
+                    channel._slots.release()
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -110,35 +159,39 @@ class TcpChannel(TransferChannel):
         bound_host, bound_port = self._server.server_address[:2]
         return f"{bound_host}:{bound_port}"
 
+    def _refuse_busy(self, sock: socket.socket) -> None:
+        reason = f"receiver busy: {self.options.max_connections} transfers already in progress; retry later"
+        log.warning("refused an incoming transfer: %s", reason)
+        data = json.dumps({"ok": False, "error": reason}).encode()
+        try:
+            sock.settimeout(2.0)
+            sock.sendall(_LEN32.pack(len(data)) + data)
+            _drain(sock, limit=1 << 20, seconds=0.5)
+        except OSError:
+            pass
+
     def _serve(self, sock: socket.socket, receive: Receiver, token: str | None) -> None:
         opts = self.options
-        sock.settimeout(opts.idle_timeout)
         try:
-            magic, version, meta_len = _HEAD.unpack(_read_exact(sock, _HEAD.size))
+            # Nothing sizeable is read before the sender proved it holds the token.
+            deadline = time.monotonic() + opts.header_timeout
+            magic, version, meta_len = _HEAD.unpack(_read_exact(sock, _HEAD.size, deadline))
             if magic != MAGIC or version != VERSION:
                 raise TransferError("not a kvstacks tcp transfer (bad magic or version)")
             if meta_len > MAX_META:
                 raise TransferError(f"transfer metadata of {meta_len} bytes is above the limit of {MAX_META}")
-            meta = json.loads(_read_exact(sock, meta_len))
+            meta = json.loads(_read_exact(sock, meta_len, deadline))
             if not isinstance(meta, dict):
                 raise TransferError("transfer metadata must be a JSON object")
             if token and not hmac.compare_digest(str(meta.pop("token", "")).encode(), token.encode()):
                 raise TransferError("transfer refused: missing or wrong KVSTACKS_WORKER_TOKEN")
             meta.pop("token", None)
+            sock.settimeout(opts.idle_timeout)
             count = meta.get("count")
             if not isinstance(count, int) or not 0 <= count <= opts.max_chunks:
                 raise TransferError(f"transfer count must be 0..{opts.max_chunks}, got {count!r}")
-            objs: list[MemoryObj] = []
-            total = 0
-            for _ in range(count):
-                (size,) = _LEN64.unpack(_read_exact(sock, _LEN64.size))
-                total += size
-                if size > opts.max_frame_bytes or total > opts.max_transfer_bytes:
-                    raise TransferError(
-                        f"transfer above the limits (frame {size} bytes, total {total} bytes)"
-                    )
-                objs.append(frame.decode(_read_exact(sock, size)))
-            answer = {"ok": True, **receive(objs, meta)}
+            answer, complete = self._receive_frames(sock, count, receive, meta)
+            answer = {"ok": True, **answer}
         except (CorruptChunk, TransferError, ValueError) as exc:
             answer = {"ok": False, "error": str(exc)}
         except (ConnectionError, socket.timeout, OSError) as exc:
@@ -150,10 +203,48 @@ class TcpChannel(TransferChannel):
         data = json.dumps(answer).encode()
         try:
             sock.sendall(_LEN32.pack(len(data)) + data)
-            if not answer["ok"]:
+            if not answer["ok"] or not complete:
                 _drain(sock)
         except OSError:
             pass
+
+    def _receive_frames(
+        self, sock: socket.socket, count: int, receive: Receiver, meta: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
+        """Hand the frames to ``receive`` in batches of about ``batch_bytes``: a transfer holds one
+        batch in memory, not all of it. Return the merged answer and whether every frame was read.
+
+        A batch stored only in part (the receiver's tier is full) ends the transfer: the answer's
+        ``num_tokens`` must stay a prefix the receiver holds, since the sender removes that much.
+        """
+        opts = self.options
+        answer: dict[str, Any] = {}
+        stored: int | None = None
+        batch: list[MemoryObj] = []
+        batch_bytes = total = 0
+        for i in range(count):
+            (size,) = _LEN64.unpack(_read_exact(sock, _LEN64.size))
+            total += size
+            if size > opts.max_frame_bytes or total > opts.max_transfer_bytes:
+                raise TransferError(
+                    f"transfer above the limits (frame {size} bytes, total {total} bytes; this receiver "
+                    f"takes frames up to {int(opts.max_frame_bytes)} and transfers up to "
+                    f"{int(opts.max_transfer_bytes)} bytes)"
+                )
+            batch.append(frame.decode(_read_exact(sock, size)))
+            batch_bytes += size
+            if batch_bytes < opts.batch_bytes and i < count - 1:
+                continue
+            answer = receive(batch, meta)
+            tokens = answer.get("num_tokens")
+            if isinstance(tokens, int):
+                stored = (stored or 0) + tokens
+                if tokens < sum(obj.num_tokens for obj in batch) and i < count - 1:
+                    return {**answer, "num_tokens": stored}, False
+            batch, batch_bytes = [], 0
+        if not count:
+            answer = receive([], meta)
+        return ({**answer, "num_tokens": stored} if stored is not None else answer), True
 
     # ---------------------------------------------------------------- sending
 
