@@ -1,0 +1,357 @@
+"""The ``mooncake`` backend: chunks as Mooncake objects, one kvstacks frame per key, moved zero-copy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+from kvstacks import frame
+from kvstacks.backend import Backend
+from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
+from kvstacks.keys import CacheKey
+from kvstacks.memory import MemoryObj
+
+from kvstacks_mooncake import client as mc
+from kvstacks_mooncake.calls import Caller, CallTimeout
+from kvstacks_mooncake.memory import Registrations, Slot, Slots
+from kvstacks_mooncake.options import MooncakeOptions
+
+log = logging.getLogger("kvstacks.mooncake")
+T = TypeVar("T")
+
+#: size hints kept for keys this process wrote or read (a read needs a buffer of the right size)
+MAX_HINTS = 1 << 20
+CHECK_BYTES = 8
+
+
+class MooncakeBackend(Backend):
+    """A tier on a Mooncake Store: every process with the same master and prefix shares it."""
+
+    name = "mooncake"
+    shared = True
+    Options = MooncakeOptions
+
+    def __init__(self, options: MooncakeOptions | None = None) -> None:
+        super().__init__(options)
+        o: MooncakeOptions = self.options
+        self.prefix = o.prefix
+        self.breaker = mc.MooncakeBreaker(o.breaker_failures, o.breaker_backoff, o.breaker_backoff_max)
+        self.caller: Caller | None = None
+        self.store: Any = None
+        self.slots: Slots | None = None
+        self.registrations: Registrations | None = None
+        self._config: Any = None
+        self._connecting = threading.Lock()  # one connect attempt at a time
+        self._closed = False
+        self._sizes: dict[str, int] = {}  # frame size by name: written or read by this process
+        self._guess = 1 << 20  # buffer size for a key of unknown size; a short one costs one more call
+        self.transfer_failures = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect; a master that is not there opens the breaker instead of raising."""
+        self.caller = Caller(self.options.threads)
+        try:
+            await self.caller.call(self.options.connect_timeout, self._connect)
+        except ImportError:
+            raise
+        except (mc.MooncakeUnavailable, CallTimeout) as exc:
+            self.breaker.trip(str(exc))
+            log.warning("mooncake tier (master %s) is unreachable at start (%s); the tier misses until it answers",
+                        self.options.master, exc)
+
+    def _connect(self) -> None:
+        """Blocking: set up a client unless one is there. Runs in a call thread; may outlive its deadline."""
+        with self._connecting:
+            if self.store is not None or self._closed:
+                return
+            store = mc.take_client(self.options)
+            config = mc.replicate_config(self.options)
+            slots = Slots(self.options.read_buffer_bytes, store.register_buffer, store.unregister_buffer)
+            registrations = Registrations(self.options.register_bytes, store.register_buffer, store.unregister_buffer)
+            if self._closed:  # closed while this was connecting: nobody will use it
+                mc.keep_client(self.options, store)
+                return
+            self._config, self.slots, self.registrations = config, slots, registrations
+            self.store = store
+            log.info("mooncake tier connected to master %s", self.options.master)
+
+    async def close(self) -> None:
+        """Unregister and close the client; bounded by ``close_timeout`` even if the store hangs."""
+        if self._closed:
+            return
+        self._closed = True
+        caller, store = self.caller, self.store
+        self.store = None
+        if caller is None:
+            return
+        if store is not None:
+            try:
+                await caller.call(self.options.close_timeout, self._shutdown, store)
+            except Exception as exc:  # closing is best effort: never keep the engine from shutting down
+                log.warning("mooncake tier did not close cleanly: %s", exc)
+        caller.stop()
+
+    def _shutdown(self, store: Any) -> None:
+        if self.registrations is not None:
+            self.registrations.close()
+        if self.slots is not None:
+            self.slots.close()
+        if self.options.keep_client:
+            mc.keep_client(self.options, store)
+        else:
+            store.close()
+
+    # -- the guard every call goes through ------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(store, *args)`` in a call thread, through the breaker, within ``timeout``."""
+        if self._closed or self.caller is None:
+            raise mc.MooncakeUnavailable(f"mooncake tier is {'closed' if self._closed else 'not started'}")
+        self.breaker.check()
+        settled = False
+        try:
+            if self.store is None:  # down at start, or not yet back: this call is the probe
+                await self.caller.call(self.options.connect_timeout, self._connect)
+            store = self.store
+            if store is None:
+                raise mc.MooncakeUnavailable("closed while connecting")
+            result = await self.caller.call(self.options.timeout, fn, store, *args)
+            settled = True
+            self.breaker.success()
+            return result
+        except (mc.MooncakeUnavailable, CallTimeout) as exc:
+            settled = True
+            self.breaker.failure(str(exc))
+            raise mc.MooncakeUnavailable(f"mooncake {what} failed (master {self.options.master}): {exc}") from None
+        except BaseException:
+            settled = True
+            self.breaker.success()  # the store answered (with a refusal): it is up
+            raise
+        finally:
+            if not settled:
+                self.breaker.abandon()
+
+    def _name(self, key: CacheKey) -> str:
+        return self.prefix + key.to_string()
+
+    def _hint(self, name: str, size: int) -> None:
+        sizes = self._sizes
+        if name not in sizes and len(sizes) >= MAX_HINTS:
+            sizes.pop(next(iter(sizes)))
+        sizes[name] = size
+        self._guess = size
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def put(self, key: CacheKey, obj: MemoryObj) -> None:
+        await self.batch_put([(key, obj)])
+
+    async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
+        names, objs = [], []
+        for key, obj in items:
+            if obj.key != key:
+                raise InvalidInput(f"object holds key {obj.key} but is stored under {key}")
+            if not obj.data.is_contiguous():
+                obj = MemoryObj(obj.key, obj.data.contiguous(), obj.shape, obj.dtype, obj.compressor)
+            names.append(self._name(key))
+            objs.append(obj)
+        if not names:
+            return
+        # Mooncake's put keeps an existing value: a key this process wrote before is removed first,
+        # so its own writes overwrite. A key another process wrote holds the same tokens' KV: kept.
+        rewrite = [n for n in names if n in self._sizes]
+        if rewrite:
+            await self._call("put", self._remove_blocking, rewrite)
+        codes = await self._call("put", self._put_blocking, names, objs)
+        refused = [(n, c) for n, c in zip(names, codes) if c not in (0, mc.ALREADY_EXISTS)]
+        if not refused:
+            return
+        if all(c == mc.NO_SPACE for _, c in refused):
+            raise TierFull(f"the Mooncake store has no room for {len(refused)} chunk(s): every segment is full; "
+                           "add segments (segment_bytes, or more processes), or lower the master's eviction watermark")
+        if any(c in mc.UNREACHABLE for _, c in refused):
+            self.breaker.failure(f"put returned {refused[0][1]}")
+            raise mc.MooncakeUnavailable(f"mooncake put failed (master {self.options.master}): code {refused[0][1]}")
+        raise mc.MooncakeError(f"mooncake put refused {len(refused)} of {len(names)} chunk(s), e.g. {refused[0][0]!r} "
+                               f"with code {refused[0][1]}")
+
+    def _put_blocking(self, store: Any, names: list[str], objs: list[MemoryObj]) -> list[int]:
+        """Frame ends (header, checksum) go in one small slot; payloads are sent from where they are."""
+        assert self.slots is not None and self.registrations is not None
+        parts = [frame.encode_parts(obj) for obj in objs]
+        ends = sum(len(head) + CHECK_BYTES for head, _, _ in parts)
+        slot = self.slots.take(ends)
+        held = self.registrations.acquire([obj.data for obj in objs if obj.nbytes])
+        try:
+            view = slot.tensor.numpy()
+            offset = 0
+            ptrs, sizes = [], []
+            for (head, _, check), obj in zip(parts, objs):
+                n = len(head)
+                view[offset : offset + n] = np.frombuffer(head, np.uint8)
+                view[offset + n : offset + n + CHECK_BYTES] = np.frombuffer(check, np.uint8)
+                item_ptrs, item_sizes = [slot.base + offset], [n]
+                if obj.nbytes:
+                    item_ptrs.append(obj.data.data_ptr())
+                    item_sizes.append(obj.nbytes)
+                item_ptrs.append(slot.base + offset + n)
+                item_sizes.append(CHECK_BYTES)
+                ptrs.append(item_ptrs)
+                sizes.append(item_sizes)
+                offset += n + CHECK_BYTES
+            codes = store.batch_put_from_multi_buffers(names, ptrs, sizes, self._config)
+        finally:
+            self.registrations.release(held)
+            self.slots.give_back(slot)
+        for name, code, item_sizes in zip(names, codes, sizes):
+            if code == 0:
+                self._hint(name, sum(item_sizes))
+        return codes
+
+    def _remove_blocking(self, store: Any, names: list[str]) -> list[int]:
+        codes = store.batch_remove(names, self.options.force_remove)
+        if any(c in mc.UNREACHABLE for c in codes):
+            raise mc.MooncakeUnavailable(f"remove returned {codes[0]}")
+        for name in names:
+            self._sizes.pop(name, None)
+        return codes
+
+    async def remove(self, key: CacheKey) -> bool:
+        (code,) = await self._call("remove", self._remove_blocking, [self._name(key)])
+        if code == mc.HAS_LEASE:
+            log.warning("mooncake tier: %s was read in the last lease period and force_remove is off; not removed", key)
+        return code == 0
+
+    async def clear(self) -> None:
+        """Remove every key under this tier's prefix (what any process with this prefix wrote)."""
+        pattern = "^" + re.escape(self.prefix)
+        code = await self._call("clear", lambda store: store.remove_by_regex(pattern, self.options.force_remove))
+        if code < 0:
+            raise mc.MooncakeError(f"mooncake clear failed with code {code}")
+        self._sizes.clear()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def get(self, key: CacheKey) -> MemoryObj | None:
+        return (await self.batch_get([key]))[0]
+
+    async def batch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
+        if not keys:
+            return []
+        names = [self._name(k) for k in keys]
+        found = await self._call("get", self._get_blocking, names)
+        out: list[MemoryObj | None] = []
+        corrupt = []
+        for key, name, (slot, n) in zip(keys, names, found):
+            if slot is None:
+                out.append(None)
+                continue
+            obj = self._decode(key, name, slot, n)
+            if obj is None:
+                corrupt.append(name)
+            out.append(obj)
+        if corrupt:
+            try:
+                await self._call("remove", self._remove_blocking, corrupt)
+            except Exception as exc:  # the miss stands either way
+                log.warning("mooncake tier: could not remove corrupt chunks: %s", exc)
+        return out
+
+    def _get_blocking(self, store: Any, names: list[str]) -> list[tuple[Slot | None, int]]:
+        """One batch_get_into into leased slots; a slot too short for its object is retried at its size."""
+        assert self.slots is not None
+        slots = [self.slots.take(self._sizes.get(name, self._guess)) for name in names]
+        try:
+            codes = store.batch_get_into(names, [s.base for s in slots], [s.size for s in slots])
+            if codes and all(c in mc.UNREACHABLE for c in codes):
+                raise mc.MooncakeUnavailable(f"get returned {codes[0]}")
+            out: list[tuple[Slot | None, int]] = []
+            for i, (name, code) in enumerate(zip(names, codes)):
+                if code == mc.BUFFER_TOO_SMALL:
+                    size = store.get_size(name)
+                    if size > 0:
+                        self.slots.give_back(slots[i])
+                        slots[i] = self.slots.take(size)
+                        code = store.get_into(name, slots[i].base, slots[i].size)
+                if code > 0:
+                    self._hint(name, code)
+                    out.append((slots[i], code))
+                    continue
+                if code not in (mc.NOT_FOUND, mc.BUFFER_TOO_SMALL):
+                    # a replica on a dead process's segment (-800), or one the master just dropped: a miss
+                    self.transfer_failures += 1
+                    log.warning("mooncake tier: reading %r failed with code %d; treated as a miss", name, code)
+                self._sizes.pop(name, None)
+                self.slots.give_back(slots[i])
+                out.append((None, 0))
+            return out
+        except BaseException:
+            for slot in slots:
+                self.slots.give_back(slot)
+            raise
+
+    def _decode(self, key: CacheKey, name: str, slot: Slot, n: int) -> MemoryObj | None:
+        assert self.slots is not None
+        try:
+            # the decoded tensor is a view of the slot: leased until release_now
+            obj = frame.decode(memoryview(slot.tensor.numpy())[:n], expect_key=key)
+            slot.handed_out = True
+            return obj
+        except CorruptChunk as exc:
+            self.corrupt_count += 1
+            log.warning("mooncake tier: removing corrupt chunk %s: %s", key, exc)
+            self.slots.give_back(slot)
+            return None
+
+    def release_now(self, obj: MemoryObj) -> None:
+        if self.slots is not None:
+            self.slots.release_view(obj.data)
+
+    async def contains(self, key: CacheKey) -> bool:
+        return (await self.batch_contains([key]))[0]
+
+    async def batch_contains(self, keys: list[CacheKey]) -> list[bool]:
+        """One round trip to the master for a whole prefix."""
+        if not keys:
+            return []
+        return await self._call("lookup", self._exist_blocking, [self._name(k) for k in keys])
+
+    @staticmethod
+    def _exist_blocking(store: Any, names: list[str]) -> list[bool]:
+        codes = store.batch_is_exist(names)
+        if any(c in mc.UNREACHABLE for c in codes):
+            raise mc.MooncakeUnavailable(f"lookup returned {codes[0]}")
+        return [c == 1 for c in codes]
+
+    async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
+        """What this process wrote or read and the store still holds (Mooncake cannot list keys)."""
+        names = list(self._sizes)
+        for start in range(0, len(names), 1000):
+            part = names[start : start + 1000]
+            present = await self._call("keys", self._exist_blocking, part)
+            for name, yes in zip(part, present):
+                size = self._sizes.get(name)
+                if not yes or size is None:
+                    continue
+                try:
+                    yield CacheKey.from_string(name[len(self.prefix):]), size
+                except InvalidInput:
+                    continue
+
+    def stats(self) -> dict:
+        b = self.breaker
+        slots, regs = self.slots, self.registrations
+        return {
+            "breaker": b.state, "breaker_opened": b.opened, "corrupt": self.corrupt_count,
+            "connected": self.store is not None, "transfer_failures": self.transfer_failures,
+            "read_buffer_bytes": slots.bytes if slots else 0, "leases_reclaimed": slots.reclaimed if slots else 0,
+            "registered_bytes": regs.bytes if regs else 0, "registrations": regs.registered if regs else 0,
+            "abandoned_calls": self.caller.abandoned if self.caller else 0,
+        }
