@@ -4,8 +4,9 @@
 
 Baseline, measured in the same run: LMCache's layout, a Python dict from chunk
 hash to a list of (instance, worker, location) tuples, fed and queried one
-event at a time. Goals: >= 100,000 admit events/s; p99 <= 10 ms for /lookup of
-a 32K-token prompt with 1,000,000 chunks indexed from 16 workers.
+event at a time; for /route, /lookup of the same prompt. Goals: >= 100,000 admit
+events/s; p99 <= 10 ms for /lookup and <= 5 ms for /route of a 32K-token prompt
+with 1,000,000 chunks indexed from 16 workers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvstacks.keys import chunk_hashes
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.index import ChunkIndex
 from kvstacks_controller.registry import Worker
+from kvstacks_controller.routing import rank
 from kvstacks_controller.settings import Settings
 
 CHUNK = 256
@@ -200,8 +202,11 @@ def _serve(cluster: Cluster, port: int) -> None:
     uvicorn.run(create_app(cluster=cluster), host="127.0.0.1", port=port, log_level="error", access_log=False)
 
 
-def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[float]:
+def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> dict[str, list[float]]:
     """End to end: a client POSTs the 32K-token JSON (encoded once) to the controller over loopback.
+
+    /lookup and /route (every worker a candidate, with a load) alternate, the
+    first of each pair rotating, so both see the same machine.
 
     The controller runs in a forked process holding the index built here, as it
     would in production (a thread in this process would fight the client for the GIL).
@@ -215,8 +220,20 @@ def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[f
     port = free_port()
     proc = multiprocessing.get_context("fork").Process(target=_serve, args=(cluster, port), daemon=True)
     proc.start()
-    body = json.dumps({"tokens": prompt}).encode()
-    out = []
+    import base64
+
+    candidates = [
+        {"instance_id": w.instance_id, "load": (i % 10) / 10}
+        for i, w in enumerate(cluster.registry.workers.values())
+    ]
+    packed = base64.b64encode(np.asarray(prompt, dtype="<i4").tobytes()).decode()
+    bodies = {
+        "lookup": ("/lookup", json.dumps({"tokens": prompt}).encode()),
+        "route": ("/route", json.dumps({"tokens": prompt, "candidates": candidates}).encode()),
+        "route_b64": ("/route", json.dumps({"tokens_b64": packed, "candidates": candidates}).encode()),
+    }
+    names = list(bodies)
+    out: dict[str, list[float]] = {name: [] for name in names}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
             deadline = time.monotonic() + 30
@@ -229,12 +246,16 @@ def http_lookup_latencies(cluster: Cluster, prompt: list[int], n: int) -> list[f
                         raise
                     time.sleep(0.05)
             for i in range(n + 5):
-                t = time.perf_counter()
-                r = client.post("/lookup", content=body, headers={"content-type": "application/json"})
-                elapsed = time.perf_counter() - t
-                assert r.status_code == 200 and r.json()["layout_info"], r.text
-                if i >= 5:
-                    out.append(elapsed)
+                for name in names[i % 3 :] + names[: i % 3]:
+                    path, body = bodies[name]
+                    t = time.perf_counter()
+                    r = client.post(path, content=body, headers={"content-type": "application/json"})
+                    elapsed = time.perf_counter() - t
+                    assert r.status_code == 200, r.text
+                    answer = r.json()
+                    assert answer.get("layout_info") or answer["instances"][0]["matched_tokens"], r.text
+                    if i >= 5:
+                        out[name].append(elapsed)
             text = client.get("/metrics").text
             total = float(
                 text.split('kvstacks_controller_request_duration_seconds_sum{endpoint="lookup"} ')[1].split()[
@@ -306,6 +327,7 @@ def main() -> None:
         "ours": lambda _: ours.index.prefix_lengths(hashes, groups),
         "base": lambda _: theirs.walk(hashes, len(prompt)),
         "ours_full": ours.lookup,
+        "ours_route": lambda p: rank(ours, p),
         "base_full": theirs.lookup,
     }
     stats: dict[str, list[tuple[float, float]]] = {k: [] for k in walks}
@@ -337,6 +359,14 @@ def main() -> None:
         )
     )
     rows.append(("lookup 32K tokens in process, p99 (ms)", med("ours_full", 1), med("base_full", 1), ""))
+    rows.append(
+        (
+            "route 32K tokens in process (16 instances ranked), p50 (ms)",
+            med("ours_route", 0),
+            med("ours_full", 0),
+            "baseline column: our lookup",
+        )
+    )
     import json
 
     body = json.dumps({"tokens": prompt}).encode()
@@ -349,7 +379,8 @@ def main() -> None:
             "machine-speed yardstick",
         )
     )
-    http = http_lookup_latencies(ours, prompt, args.lookups)
+    http_both = http_lookup_latencies(ours, prompt, args.lookups)
+    http, http_route, http_b64 = http_both["lookup"], http_both["route"], http_both["route_b64"]
     rows.append(
         (
             "  of which in the handler (read, parse, validate, lookup), mean (ms)",
@@ -372,6 +403,38 @@ def main() -> None:
             percentile(http, 99) * ms,
             float("nan"),
             "goal <= 10 ms",
+        )
+    )
+    rows.append(
+        (
+            "POST /route 32K tokens, 16 candidates with load, over loopback, p50 (ms)",
+            percentile(http_route, 50) * ms,
+            percentile(http, 50) * ms,
+            "baseline column: /lookup, same run",
+        )
+    )
+    rows.append(
+        (
+            "POST /route 32K tokens, 16 candidates with load, over loopback, p99 (ms)",
+            percentile(http_route, 99) * ms,
+            percentile(http, 99) * ms,
+            "goal <= 5 ms; baseline column: /lookup",
+        )
+    )
+    rows.append(
+        (
+            "POST /route as tokens_b64 (int32, base64), p50 (ms)",
+            percentile(http_b64, 50) * ms,
+            percentile(http, 50) * ms,
+            "baseline column: /lookup",
+        )
+    )
+    rows.append(
+        (
+            "POST /route as tokens_b64 (int32, base64), p99 (ms)",
+            percentile(http_b64, 99) * ms,
+            percentile(http, 99) * ms,
+            "goal <= 5 ms; baseline column: /lookup",
         )
     )
 

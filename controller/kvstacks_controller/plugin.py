@@ -9,9 +9,9 @@ from kvstacks import hookimpl
 
 @hookimpl
 def register_commands(register) -> None:
-    from kvstacks_controller import operator_commands, worker_commands
+    from kvstacks_controller import operator_commands, routing, worker_commands
 
-    for cls in operator_commands.COMMANDS + worker_commands.COMMANDS:
+    for cls in operator_commands.COMMANDS + routing.COMMANDS + worker_commands.COMMANDS:
         register(cls)
 
 

@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from kvstacks_controller.settings import Settings
+from kvstacks_controller.settings import DEFAULT_TIER_WEIGHTS, Settings
 
 
 def serve(settings: Settings, log_level: str = "info") -> None:
@@ -65,6 +65,29 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     help="Longest token list a request may carry.",
 )
 @click.option(
+    "--index",
+    default="memory",
+    show_default=True,
+    envvar="KVSTACKS_CONTROLLER_INDEX",
+    help="Where the chunk index and worker registry live: 'memory', or redis://host:port/db "
+    "(optionally ?prefix=...) shared by several controller replicas. Env: KVSTACKS_CONTROLLER_INDEX.",
+)
+@click.option(
+    "--tier-weight",
+    "tier_weights",
+    multiple=True,
+    metavar="TIER=WEIGHT",
+    help="/route: weight of a chunk held in TIER (repeatable; '*' for any other tier). "
+    "Default cpu=1 disk=0.8 *=0.5.",
+)
+@click.option(
+    "--load-weight",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="/route: how much a candidate's load (0..1) lowers its score.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def controller_command(
@@ -75,9 +98,23 @@ def controller_command(
     wait: float,
     max_body_bytes: int,
     max_tokens: int,
+    index: str,
+    tier_weights: tuple[str, ...],
+    load_weight: float,
     log_level: str,
 ) -> None:
     """Run the kvstacks controller (LMCache-compatible operator API)."""
+    weights = dict(DEFAULT_TIER_WEIGHTS)
+    for item in tier_weights:
+        tier, sep, value = item.partition("=")
+        try:
+            weights[tier.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected TIER=WEIGHT, got {item!r}", param_hint="--tier-weight") from None
+        if not sep or not tier.strip() or not 0 <= weights[tier.strip()] <= 1000:
+            raise click.BadParameter(
+                f"expected TIER=WEIGHT with a weight from 0 to 1000, got {item!r}", param_hint="--tier-weight"
+            )
     settings = Settings.from_env(
         host=host,
         port=port,
@@ -86,9 +123,13 @@ def controller_command(
         wait=wait,
         max_body_bytes=max_body_bytes,
         max_tokens=max_tokens,
+        index=index,
+        tier_weights=weights,
+        load_weight=load_weight,
     )
     try:
         settings.check_bind()
+        settings.check_index()
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     serve(settings, log_level)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+#: Weight of a chunk held in each tier when ranking instances for /route ("*": any other tier).
+DEFAULT_TIER_WEIGHTS = {"cpu": 1.0, "disk": 0.8, "*": 0.5}
 
 
 @dataclass
@@ -27,6 +30,16 @@ class Settings:
     max_tokens: int = 1 << 20
     max_batch: int = 1024
     max_events: int = 10_000
+    #: /route: weight of a chunk by the tier holding it, and how much the caller's load counts.
+    tier_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_WEIGHTS))
+    load_weight: float = 0.5
+    #: Where the chunk index and worker registry live: "memory" (this process) or a
+    #: redis://host:port/db URL shared by several controller replicas.
+    index: str = "memory"
+    #: With a shared index: how old a replica's cached view of the workers may be, in seconds.
+    registry_ttl: float = 0.05
+    #: Serve the admin page at GET / (behind the admin token when one is set).
+    admin_page: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -38,6 +51,23 @@ class Settings:
             if value is not None:
                 setattr(settings, name, value)
         return settings
+
+    def check_index(self) -> None:
+        """Refuse to start on an index URL that is malformed or not answering."""
+        if self.index == "memory":
+            return
+        from kvstacks_controller.replicas import RedisStore
+
+        try:
+            store = RedisStore(self.index)
+        except ImportError:
+            raise ValueError("--index redis://... needs redis-py: pip install 'kvstacks-controller[redis]'") from None
+        try:
+            store.call(store.client.ping)
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
+        finally:
+            store.close()
 
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without both tokens."""
