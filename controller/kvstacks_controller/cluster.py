@@ -20,8 +20,18 @@ class Cluster:
 
     def __init__(self, settings: Settings | None = None, registry: WorkerRegistry | None = None) -> None:
         self.settings = settings or Settings()
-        self.index = ChunkIndex()
-        self.registry = registry or WorkerRegistry(self.settings.heartbeat_timeout)
+        self.index: Any
+        if self.settings.index == "memory":
+            self.index = ChunkIndex()
+            self.registry = registry or WorkerRegistry(self.settings.heartbeat_timeout)
+        else:
+            from kvstacks_controller.replicas import RedisChunkIndex, RedisStore, RedisWorkerRegistry
+
+            store = RedisStore(self.settings.index)
+            self.index = RedisChunkIndex(store)
+            self.registry = registry or RedisWorkerRegistry(
+                store, self.settings.heartbeat_timeout, self.settings.registry_ttl
+            )
         self.executor = Executor(
             self.settings.worker_timeout, self.settings.max_events, self.settings.worker_token
         )
@@ -32,7 +42,7 @@ class Cluster:
     # ---------------------------------------------------------------- workers
 
     def add_worker(self, worker: Worker) -> None:
-        previous = self.registry.add(worker)
+        previous = self.registry.get(worker.instance_id, worker.worker_id)
         if previous is not None:
             # A new session starts from nothing: the agent re-reports what it holds.
             for hid in previous.holders.values():
@@ -40,6 +50,8 @@ class Cluster:
         worker.holders = {
             tier: self.index.holder(worker.instance_id, worker.worker_id, tier) for tier in worker.tiers
         }
+        # Registered last: a shared registry stores the holders with the worker.
+        self.registry.add(worker)
 
     def remove_worker(self, worker: Worker) -> None:
         self.registry.remove(worker.instance_id, worker.worker_id)

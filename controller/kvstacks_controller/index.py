@@ -15,6 +15,11 @@ Removing a chunk clears bits and leaves its key in place (a dead row is reused
 when the chunk comes back); dead rows are dropped when the table is rebuilt.
 Clearing a whole holder (a tier cleared, a worker re-registered) is one
 vectorized AND over a column.
+
+Any index the cluster uses (this one, or ``replicas.RedisChunkIndex`` shared by
+controller replicas) offers the same synchronous methods: ``holder``,
+``holder_of``, ``holder_ids``, ``count``, ``clear_holder``, ``release_holder``,
+``admit``, ``evict``, ``presence``, ``prefix_lengths``, ``len()`` and ``nbytes``.
 """
 
 from __future__ import annotations
@@ -283,17 +288,21 @@ class ChunkIndex:
         A chunk counts for a group when any holder of the group has it (one worker
         with a prefix split over its cpu and disk tiers still has the prefix).
         """
-        present = self.presence(hashes)
-        if not groups:
-            return np.zeros(0, dtype=np.int64)
-        member = np.zeros((present.shape[1], len(groups)), dtype=np.int32)
-        for g, hids in enumerate(groups):
-            for hid in hids:
-                if 0 <= hid < present.shape[1]:
-                    member[hid, g] = 1
-        covered = (
-            (present.astype(np.int32) @ member) > 0
-            if present.shape[1]
-            else np.zeros((present.shape[0], len(groups)), dtype=bool)
-        )
-        return np.cumprod(covered, axis=0).sum(axis=0)
+        return prefix_lengths(self.presence(hashes), groups)
+
+
+def prefix_lengths(present: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """``ChunkIndex.prefix_lengths`` over a presence matrix, for any index that gives one."""
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    member = np.zeros((present.shape[1], len(groups)), dtype=np.int32)
+    for g, hids in enumerate(groups):
+        for hid in hids:
+            if 0 <= hid < present.shape[1]:
+                member[hid, g] = 1
+    covered = (
+        (present.astype(np.int32) @ member) > 0
+        if present.shape[1]
+        else np.zeros((present.shape[0], len(groups)), dtype=bool)
+    )
+    return np.cumprod(covered, axis=0).sum(axis=0)

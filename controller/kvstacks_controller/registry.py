@@ -74,19 +74,28 @@ class WorkerRegistry:
     def __init__(self, heartbeat_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
-        self.workers: dict[tuple[str, int], Worker] = {}
+        self._workers: dict[tuple[str, int], Worker] = {}
+
+    @property
+    def workers(self) -> dict[tuple[str, int], Worker]:
+        """(instance_id, worker_id) -> worker; a shared registry brings its view up to date first."""
+        self.sync()
+        return self._workers
+
+    def sync(self) -> None:
+        """Bring this process's view of the fleet up to date (nothing to do when it is the only one)."""
 
     def add(self, worker: Worker) -> Worker | None:
         """Register (or re-register) a worker; return the entry it replaces."""
         now = self.clock()
         worker.registered_at = worker.last_heartbeat_wall = time.time()
         worker.last_heartbeat = now
-        previous = self.workers.get((worker.instance_id, worker.worker_id))
-        self.workers[(worker.instance_id, worker.worker_id)] = worker
+        previous = self._workers.get((worker.instance_id, worker.worker_id))
+        self._workers[(worker.instance_id, worker.worker_id)] = worker
         return previous
 
     def get(self, instance_id: str, worker_id: int, session: str | None = None) -> Worker | None:
-        worker = self.workers.get((instance_id, worker_id))
+        worker = self._workers.get((instance_id, worker_id))
         if worker is None or (session is not None and worker.session != session):
             return None
         return worker
@@ -98,7 +107,7 @@ class WorkerRegistry:
             worker.stats = stats
 
     def remove(self, instance_id: str, worker_id: int) -> Worker | None:
-        return self.workers.pop((instance_id, worker_id), None)
+        return self._workers.pop((instance_id, worker_id), None)
 
     def healthy(self, worker: Worker) -> bool:
         return worker.healthy(self.clock(), self.heartbeat_timeout)
