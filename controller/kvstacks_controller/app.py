@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvstacks_controller import openapi
+from kvstacks_controller import admin_page, openapi
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.command import CommandError, auth_for
 from kvstacks_controller.executor import WorkerCallError
@@ -152,6 +152,9 @@ def create_app(settings: Settings | None = None, cluster: Cluster | None = None)
                 methods=list(getattr(cls, "methods", ("POST",))),
             )
         )
+
+    if settings.admin_page:
+        routes.extend(admin_page.routes(cluster, lambda request: _token_ok(request, settings.admin_token or "")))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
