@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -23,7 +22,10 @@ def plugins(as_json: bool) -> None:
     """List loaded plugins, their distributions, and what each registers."""
     from kvstacks.plugins import describe
 
-    found = describe()
+    try:
+        found = describe()
+    except KVStacksError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -88,12 +90,8 @@ def bench(config_path: str, layers: int, hidden: int, dtype: str, chunks: int, r
 
 
 def main() -> None:
-    from kvstacks.plugins import load_plugins
+    from kvstacks.plugins import add_cli_commands
 
-    try:
-        load_plugins().hook.register_cli_commands(cli=cli)
-    except KVStacksError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+    add_cli_commands(cli)
     cli()
 

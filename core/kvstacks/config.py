@@ -206,8 +206,22 @@ def describe_options(options_cls: type) -> list[dict[str, str]]:
 
 
 def _install_hint(kind: str, name: str, installed: list[str]) -> str:
+    from kvstacks.plugins import failures, not_loaded
+
     dist = KNOWN_DISTRIBUTIONS.get(name)
+    available = f"; available {kind}: {', '.join(installed) or 'none'}"
+    for entry_point, from_dist in not_loaded.items():
+        if entry_point == name or from_dist == dist:
+            return (f"{name!r} is installed ({from_dist}, plugin {entry_point}) but not loaded: "
+                    f"KVSTACKS_LOAD_PLUGINS does not name {entry_point}; add it there{available}")
+    for failure in failures:
+        if failure.entry_point == name or failure.distribution == dist:
+            return (f"{name!r} is installed ({failure.distribution}) but its plugin failed to load: "
+                    f"{failure.error}; see 'kvstacks plugins'{available}")
     hint = f" (pip install {dist})" if dist else ""
+    if not_loaded:
+        left_out = ", ".join(f"{ep} ({d})" for ep, d in sorted(not_loaded.items()))
+        hint += f"; KVSTACKS_LOAD_PLUGINS leaves out the installed plugins {left_out}"
     return f"{name!r} is not installed{hint}; installed {kind}: {', '.join(installed) or 'none'}"
 
 
