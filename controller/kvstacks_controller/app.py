@@ -13,7 +13,8 @@ from typing import Any
 from kvstacks.errors import KVStacksError
 from kvstacks.plugins import registry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -68,6 +69,44 @@ def _token_ok(request: Request, expected: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
 
 
+#: Recorded in metrics for a client that went away mid-request (nginx's convention);
+#: not a server error, so it must not count as a 5xx.
+CLIENT_CLOSED = 499
+
+
+def _require_json(request: Request) -> None:
+    """Refuse a mutating request whose body is not declared JSON.
+
+    A web page can POST ``text/plain`` or a form to any address without a CORS
+    preflight; insisting on ``application/json`` makes the browser ask first, so
+    a page the operator visits cannot drive a controller that runs without tokens.
+    """
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise CommandError(
+            415,
+            f"{request.method} /{request.url.path.lstrip('/')} changes state and accepts only "
+            f"'Content-Type: application/json', got {media or 'no Content-Type'!r}",
+        )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes, wrong methods and the like answer JSON like every command does."""
+    assert isinstance(exc, HTTPException)
+    reasons = {
+        404: f"no route {request.url.path}; GET /openapi.json lists every route",
+        405: f"{request.method} is not allowed on {request.url.path}; allowed: "
+        f"{next((v for k, v in (exc.headers or {}).items() if k.lower() == 'allow'), '?')}",
+    }
+    return JSONResponse({"error": reasons.get(exc.status_code, exc.detail)}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error; see the controller log"}, status_code=500)
+
+
 def _endpoint(
     name: str, cls: type, command: Any, cluster: Cluster, metrics: ControllerMetrics, validator: Validator
 ):
@@ -91,6 +130,9 @@ def _endpoint(
             )
         except KVStacksError as exc:
             response = JSONResponse({"error": str(exc)}, status_code=400)
+        except ClientDisconnect:
+            log.info("client went away during %s %s", request.method, request.url.path)
+            response = Response(status_code=CLIENT_CLOSED)
         except Exception:
             log.exception("command %s failed", name)
             response = JSONResponse(
@@ -110,6 +152,8 @@ def _endpoint(
                 headers={"WWW-Authenticate": "Bearer"},
             )
         body: Any = {}
+        if getattr(cls, "mutating", True) and request.method not in ("GET", "HEAD"):
+            _require_json(request)
         if request.method == "POST":
             raw = await _read_body(request, settings.max_body_bytes)
             if raw.strip():
@@ -161,6 +205,7 @@ def create_app(settings: Settings | None = None, cluster: Cluster | None = None)
         yield
         await cluster.executor.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.cluster = cluster
     return app

@@ -165,7 +165,7 @@ class Pin(_PrefixCommand):
         instance_id=INSTANCE,
         location=LOCATION,
         tokens=TOKENS,
-        ttl={"type": "number", "minimum": 0, "maximum": 10**9, "nullable": True},
+        ttl={"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 10**9, "nullable": True},
     )
     response_schema = EVENT_ANSWER
 

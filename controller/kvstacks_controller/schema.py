@@ -1,13 +1,14 @@
 """Request validation against the JSON Schema subset commands declare.
 
 Supported keywords: type, properties, required, additionalProperties (bool),
-items, minItems, maxItems, minLength, maxLength, minimum, maximum, enum,
+items, minItems, maxItems, minLength, maxLength, minimum, exclusiveMinimum (true/false, as in OpenAPI 3.0), maximum, enum,
 nullable and local ``$ref``. Errors name the field (``tokens[3]``) and the fix.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import warnings
 from typing import Any, Callable, Mapping
@@ -42,6 +43,7 @@ class TokenList(list):
 
 _TOKEN_BYTES = b"0123456789, \t\n\r"
 _FAST_MIN_BYTES = 4096
+_LEADING_ZERO = re.compile(rb"(?<![0-9])0[0-9]")
 
 
 def parse_body(raw: bytes, loads: Callable[[bytes], Any]) -> Any:
@@ -56,8 +58,8 @@ def parse_body(raw: bytes, loads: Callable[[bytes], Any]) -> Any:
     if end - start < _FAST_MIN_BYTES:
         return loads(raw)
     inner = raw[start + 1 : end]
-    if inner.translate(None, _TOKEN_BYTES):
-        return loads(raw)
+    if inner.translate(None, _TOKEN_BYTES) or _LEADING_ZERO.search(inner):
+        return loads(raw)  # "007" is not JSON, though numpy would read it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -146,6 +148,8 @@ class Validator:
             if len(value) < schema.get("minLength", 0):
                 raise _fail(path, f"shorter than {schema['minLength']} characters")
         elif kind in ("integer", "number"):
+            if schema.get("exclusiveMinimum") and value <= schema["minimum"]:  # OpenAPI 3.0's boolean form
+                raise _fail(path, f"{value} must be greater than {schema['minimum']}")
             if "minimum" in schema and value < schema["minimum"]:
                 raise _fail(path, f"{value} is below the minimum {schema['minimum']}")
             if "maximum" in schema and value > schema["maximum"]:

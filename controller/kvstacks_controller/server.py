@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 import click
@@ -25,6 +26,19 @@ def serve(settings: Settings, log_level: str = "info") -> None:
         server_header=False,
         date_header=False,
     )
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    networks = tuple(n.strip() for n in text.split(",") if n.strip())
+    for net in networks:
+        if net == "any":
+            continue
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{net!r} is not a network such as 10.0.0.0/8 (or 'any')",
+                                     param_hint="--worker-networks") from None
+    return networks
 
 
 @click.command("controller")
@@ -88,6 +102,12 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     help="/route: how much a candidate's load (0..1) lowers its score.",
 )
 @click.option(
+    "--worker-networks",
+    default="127.0.0.0/8,::1/128",
+    show_default=True,
+    help="Comma list of networks (CIDRs) workers may register addresses in, or 'any'.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def controller_command(
@@ -101,6 +121,7 @@ def controller_command(
     index: str,
     tier_weights: tuple[str, ...],
     load_weight: float,
+    worker_networks: str,
     log_level: str,
 ) -> None:
     """Run the kvstacks controller (LMCache-compatible operator API)."""
@@ -126,6 +147,7 @@ def controller_command(
         index=index,
         tier_weights=weights,
         load_weight=load_weight,
+        worker_networks=_networks(worker_networks),
     )
     try:
         settings.check_bind()

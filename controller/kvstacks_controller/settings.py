@@ -40,6 +40,27 @@ class Settings:
     registry_ttl: float = 0.05
     #: Serve the admin page at GET / (behind the admin token when one is set).
     admin_page: bool = True
+    #: Networks a worker may register an address in (CIDRs, or "any"). The controller
+    #: connects to that address, so an open list lets anyone aim it at internal
+    #: services (a cloud metadata endpoint, say); loopback only by default.
+    worker_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+    def check_worker_address(self, host: str) -> None:
+        """Raise ``ValueError`` saying why ``host`` is not a worker address this controller calls."""
+        if "any" in self.worker_networks:
+            return
+        try:
+            ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address; register an IP in the allowed networks "
+                f"({', '.join(self.worker_networks)}), or start the controller with --worker-networks any"
+            ) from None
+        if not any(ip in ipaddress.ip_network(net, strict=False) for net in self.worker_networks):
+            raise ValueError(
+                f"{ip} is outside the networks workers may register from ({', '.join(self.worker_networks)}); "
+                "start the controller with --worker-networks listing the workers' networks (CIDRs)"
+            )
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":

@@ -32,10 +32,14 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
     }
 
 
-def _address(text: str, field: str) -> str:
+def _address(ctx: Cluster, text: str, field: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise CommandError(400, f"{field}: expected host:port, got {text!r}")
+    try:
+        ctx.settings.check_worker_address(host)
+    except ValueError as exc:
+        raise CommandError(403, f"{field}: {exc}") from None
     return text
 
 
@@ -85,13 +89,13 @@ class WorkerRegister(Command):
             instance_id=body["instance_id"],
             worker_id=body["worker_id"],
             session=body["session"],
-            address=_address(body["address"], "address"),
+            address=_address(ctx, body["address"], "address"),
             chunk_size=body["chunk_size"],
             tiers=list(body["tiers"]),
             model=body.get("model", ""),
             pid=body.get("pid", 0),
             version=body.get("version", ""),
-            transfer={k: _address(v, f"transfer.{k}") for k, v in transfer.items()},
+            transfer={k: _address(ctx, v, f"transfer.{k}") for k, v in transfer.items()},
         )
         ctx.add_worker(worker)
         return {"registered": True, "heartbeat_timeout": ctx.registry.heartbeat_timeout}
