@@ -27,6 +27,9 @@ class Backend:
     #: Chunks this backend found corrupt, dropped and reported as misses; the tier adds it
     #: to its ``corrupt`` statistic (and metric).
     corrupt_count: int = 0
+    #: The tier's capacity in bytes (None: unbounded), set by the tier before ``start``; a
+    #: backend may use it to reserve memory up front, never to refuse or evict chunks.
+    capacity: int | None = None
 
     @dataclass
     class Options:

@@ -65,6 +65,7 @@ class Tier:
         self.compressor = compressor
         self._compressors = compressors
         self.capacity = config.capacity
+        backend.capacity = config.capacity
         self.in_process = isinstance(backend, InProcessBackend)
         self.shared = backend.shared
         self.index: dict[CacheKey, int] = {}

@@ -3,7 +3,9 @@
 Chunks are nearly all one size (a full chunk of one model), so a free list per
 size class turns almost every store into a pop and every removal into a push:
 no allocator traffic, no page faults on first touch, no holes. Sizes above a page
-are rounded up to whole pages, smaller ones to a power of two.
+are rounded up to whole pages, smaller ones to a power of two. A pool given an
+:class:`~kvstacks_cpu.arena.Arena` (``reserve``) carves new buffers out of it,
+already faulted in, before asking torch for memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from kvstacks_cpu.arena import Arena
 
 PAGE = 4096
 MIN_CLASS = 64
@@ -33,10 +37,12 @@ class PoolBuffer:
     ``uint8`` form (``data``) is made only if it is ever reused for another shape.
     """
 
-    __slots__ = ("_data", "_dtype", "_shape", "_view", "size")
+    __slots__ = ("_data", "_dtype", "_shape", "_view", "arena", "size")
 
-    def __init__(self, data: torch.Tensor | None = None, *, typed: torch.Tensor | None = None) -> None:
+    def __init__(self, data: torch.Tensor | None = None, *, typed: torch.Tensor | None = None,
+                 arena: Arena | None = None) -> None:
         self._data = data
+        self.arena = arena  # where the memory goes back to when the pool lets the buffer go
         if typed is not None:
             self._view = typed
             self._dtype: torch.dtype | None = typed.dtype
@@ -76,6 +82,8 @@ class PoolStats:
     reuses: int  # requests served from a free list
     released: int  # buffers let go to the system (over pool_limit, shrink, or lost leases)
     pinned: bool
+    arena_bytes: int = 0  # reserved up front (``reserve``); counted in reserved_bytes
+    prefaulted_bytes: int = 0  # of the arena, faulted in so far by the background thread
 
 
 class BufferPool:
@@ -97,6 +105,21 @@ class BufferPool:
         self._allocations = 0
         self._reuses = 0
         self._released = 0
+        self._arena: Arena | None = None
+
+    def reserve(self, nbytes: int, prefault: bool = True) -> None:
+        """Hold ``nbytes`` up front for new buffers, faulted in by a background thread."""
+        with self._lock:
+            if self._arena is None and nbytes >= PAGE:
+                self._arena = Arena(-(-nbytes // PAGE) * PAGE, prefault)
+
+    def close(self) -> None:
+        """Let every idle buffer and the arena go (buffers still in use keep their memory)."""
+        self.trim()
+        with self._lock:
+            arena, self._arena = self._arena, None
+        if arena is not None:
+            arena.close()
 
     def take(self, nbytes: int, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> PoolBuffer:
         """A buffer of at least ``nbytes`` (exactly ``size_class(nbytes)``), contents undefined.
@@ -116,6 +139,13 @@ class BufferPool:
                 self._shrink(size)
             self._in_use += size
             self._allocations += 1
+            arena = self._arena
+        if arena is not None:
+            view = arena.carve(size)
+            if view is not None:
+                if dtype is not None and shape is not None and size == nbytes:
+                    return PoolBuffer(view, typed=view.view(dtype).view(shape), arena=arena)
+                return PoolBuffer(view, arena=arena)
         try:
             if dtype is not None and shape is not None and size == nbytes:
                 return PoolBuffer(typed=torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory))
@@ -131,7 +161,7 @@ class BufferPool:
         with self._lock:
             self._in_use -= size
             if self.limit is not None and self._idle + size > self.limit:
-                self._released += 1
+                self._let_go(buffer)
                 return
             self._free.setdefault(size, []).append(buffer)
             self._idle += size
@@ -146,7 +176,9 @@ class BufferPool:
         """Let every idle buffer go; return the bytes released."""
         with self._lock:
             released = self._idle
-            self._released += sum(len(v) for v in self._free.values())
+            for free in self._free.values():
+                for buffer in free:
+                    self._let_go(buffer)
             self._free.clear()
             self._idle = 0
         return released
@@ -159,19 +191,25 @@ class BufferPool:
                 continue
             free = self._free[size]
             while free and freed < wanted:
-                free.pop()
+                self._let_go(free.pop())
                 freed += size
                 self._idle -= size
-                self._released += 1
             if not free:
                 del self._free[size]
             if freed >= wanted:
                 return
 
+    def _let_go(self, buffer: PoolBuffer) -> None:
+        # With the lock held. Heap buffers are freed by torch with their last reference.
+        self._released += 1
+        if buffer.arena is not None:
+            buffer.arena.give_back(buffer.data)
+
     def stats(self) -> PoolStats:
         with self._lock:
+            arena = self._arena
             return PoolStats(
-                reserved_bytes=self._in_use + self._idle,
+                reserved_bytes=self._in_use + self._idle + (arena.free_bytes if arena else 0),
                 in_use_bytes=self._in_use,
                 free_bytes=self._idle,
                 free_buffers=sum(len(v) for v in self._free.values()),
@@ -179,4 +217,6 @@ class BufferPool:
                 reuses=self._reuses,
                 released=self._released,
                 pinned=self.pin_memory,
+                arena_bytes=arena.size if arena else 0,
+                prefaulted_bytes=arena.populated if arena else 0,
             )

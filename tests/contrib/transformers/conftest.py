@@ -28,7 +28,7 @@ def make_engine(tmp_path):
     engines = []
 
     def make(model: str = "test-model", chunk_size: int = 16, disk: bool = False):
-        stack = [{"backend": "cpu", "capacity": "1GiB"}]
+        stack = [{"backend": "cpu", "capacity": "1GiB", "prefault": False}]  # no GiB to fault in per test
         if disk:
             require("kvstacks_disk", "pip install -e plugins/disk")
             stack.append({"backend": "disk", "path": str(tmp_path / "disk"), "capacity": "4GiB"})
