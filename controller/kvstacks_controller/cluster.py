@@ -36,6 +36,8 @@ class Cluster:
             self.settings.worker_timeout, self.settings.max_events, self.settings.worker_token
         )
         self.chunk_events = {"admit": 0, "evict": 0}
+        self.digests = {"match": 0, "stale": 0}  # digest checks by outcome
+        self.resyncs = 0  # tiers a worker re-sent in full after a stale digest
         self.commands: dict[str, type] = {}
         self.openapi: dict[str, Any] = {}
 

@@ -70,6 +70,9 @@ class ChunkIndex:
         self._holders: list[Holder | None] = []
         self._holder_ids: dict[Holder, int] = {}
         self._holder_counts = np.zeros(64, dtype=np.int64)
+        # Per holder, the XOR of its chunks' hashes: with the count, a digest a worker can
+        # compare with its own in one small request (kept up to date by admit and evict).
+        self._holder_xor = np.zeros((64, 2), dtype=_U64)
         self._used = 0  # rows with a key, live or dead
         self._live = 0  # rows with at least one holder bit
 
@@ -133,6 +136,7 @@ class ChunkIndex:
             self._mask = grown
         if hid >= self._holder_counts.size:
             self._holder_counts = np.concatenate([self._holder_counts, np.zeros(64, dtype=np.int64)])
+            self._holder_xor = np.concatenate([self._holder_xor, np.zeros((64, 2), dtype=_U64)])
         return hid
 
     def holder_of(self, hid: int) -> Holder | None:
@@ -149,6 +153,18 @@ class ChunkIndex:
         """Chunks holder ``hid`` has."""
         return int(self._holder_counts[hid]) if 0 <= hid < len(self._holders) else 0
 
+    def digest(self, hid: int) -> tuple[int, str]:
+        """``(chunks, xor)`` of holder ``hid``: its chunk count and the XOR of its chunk hashes
+        (32 hex digits, the two little-endian halves), as ``kvstacks.agent.digest`` computes them."""
+        if not 0 <= hid < len(self._holders):
+            return 0, "0" * 32
+        return int(self._holder_counts[hid]), self._holder_xor[hid].astype("<u8").tobytes().hex()
+
+    def _xor_into(self, hid: int, rows: np.ndarray) -> None:
+        if rows.size:
+            self._holder_xor[hid, 0] ^= np.bitwise_xor.reduce(self._hi[rows])
+            self._holder_xor[hid, 1] ^= np.bitwise_xor.reduce(self._lo[rows])
+
     def clear_holder(self, hid: int) -> int:
         """Forget every chunk of one holder; return how many it had."""
         word, bit = divmod(hid, 64)
@@ -156,6 +172,7 @@ class ChunkIndex:
         if before:
             self._mask[:, word] &= ~(_ONE << np.uint64(bit))
             self._holder_counts[hid] = 0
+            self._holder_xor[hid] = 0
             self._live = int(np.count_nonzero(self._mask.any(axis=1)))
         return before
 
@@ -247,6 +264,7 @@ class ChunkIndex:
         self._mask[rows, word] = current[:, word] | flag
         added = int(np.count_nonzero(fresh))
         self._holder_counts[hid] += added
+        self._xor_into(hid, rows[fresh])
         self._live += int(np.count_nonzero(was_dead))
         return added
 
@@ -264,6 +282,7 @@ class ChunkIndex:
             return 0
         self._mask[held, word] &= ~flag
         self._holder_counts[hid] -= held.size
+        self._xor_into(hid, held)
         self._live -= int(np.count_nonzero(~self._mask[held].any(axis=1)))
         return int(held.size)
 

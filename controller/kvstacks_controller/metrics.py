@@ -76,6 +76,19 @@ class ClusterCollector(Collector):
         for kind, n in c.chunk_events.items():
             events.add_metric([kind], n)
         yield events
+        digests = CounterMetricFamily(
+            "kvstacks_controller_index_digests",
+            "Workers' per-tier digest checks, by outcome (stale: the index differed somewhere)",
+            labels=["result"],
+        )
+        for result, n in c.digests.items():
+            digests.add_metric([result], n)
+        yield digests
+        yield CounterMetricFamily(
+            "kvstacks_controller_index_resyncs",
+            "Tiers re-sent in full by their worker after a stale digest",
+            value=c.resyncs,
+        )
 
 
 class ControllerMetrics:

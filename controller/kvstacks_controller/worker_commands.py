@@ -114,23 +114,33 @@ class WorkerHeartbeat(Command):
         return {"ok": True}
 
 
+def _holder(worker: Worker, tier: str) -> int:
+    hid = worker.holders.get(tier)
+    if hid is None:
+        raise CommandError(
+            404,
+            f"worker {worker.instance_id}/{worker.worker_id} registered no tier "
+            f"{tier!r}; its tiers: {', '.join(worker.tiers)}",
+        )
+    return hid
+
+
+_REPORT = {
+    "tier": {"type": "string", "minLength": 1, "maxLength": 128},
+    "hashes": {"type": "string", "description": "concatenated 16-byte chunk hashes, hex"},
+}
+
+
 class _ChunkReport(Command):
     kind = ""
-    request_schema = _obj(
-        ["tier", "hashes"],
-        tier={"type": "string", "minLength": 1, "maxLength": 128},
-        hashes={"type": "string", "description": "concatenated 16-byte chunk hashes, hex"},
-    )
+    request_schema = _obj(["tier", "hashes"], **_REPORT)
 
     async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
         worker = _known(ctx, body)
-        hid = worker.holders.get(body["tier"])
-        if hid is None:
-            raise CommandError(
-                404,
-                f"worker {worker.instance_id}/{worker.worker_id} registered no tier "
-                f"{body['tier']!r}; its tiers: {', '.join(worker.tiers)}",
-            )
+        hid = _holder(worker, body["tier"])
+        if body.get("replace"):
+            ctx.index.clear_holder(hid)
+            ctx.resyncs += 1
         text = body["hashes"]
         if len(text) % (2 * HASH_BYTES):
             raise CommandError(
@@ -147,12 +157,18 @@ class _ChunkReport(Command):
 
 
 class WorkerAdmit(_ChunkReport):
-    """Chunks became present in a tier of the worker."""
+    """Chunks became present in a tier of the worker (``replace``: the tier holds these and no others;
+    a resync sends it on its first batch)."""
 
     name = "worker/admit"
     kind = "admit"
     auth = "worker"
     summary = "Worker protocol: chunks admitted to a tier"
+    request_schema = _obj(
+        ["tier", "hashes"],
+        **_REPORT,
+        replace={"type": "boolean", "description": "forget what the index had for this tier first"},
+    )
 
 
 class WorkerEvict(_ChunkReport):
@@ -162,6 +178,43 @@ class WorkerEvict(_ChunkReport):
     kind = "evict"
     auth = "worker"
     summary = "Worker protocol: chunks evicted from a tier"
+
+
+class WorkerDigest(Command):
+    """A worker's digest of each tier (chunk count and XOR of chunk hashes), sent every
+    ``resync_interval``; the answer names the tiers where the index differs, which the worker
+    then re-sends in full (``worker/admit`` with ``replace``)."""
+
+    name = "worker/digest"
+    auth = "worker"
+    summary = "Worker protocol: compare per-tier digests with the chunk index"
+    request_schema = _obj(
+        ["tiers"],
+        tiers={
+            "type": "array",
+            "maxItems": 64,
+            "items": {
+                "type": "object",
+                "required": ["tier", "chunks", "xor"],
+                "additionalProperties": False,
+                "properties": {
+                    "tier": {"type": "string", "minLength": 1, "maxLength": 128},
+                    "chunks": {"type": "integer", "minimum": 0},
+                    "xor": {"type": "string", "minLength": 32, "maxLength": 32},
+                },
+            },
+        },
+    )
+
+    async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+        worker = _known(ctx, body)
+        stale = []
+        for digest in body["tiers"]:
+            chunks, xor = ctx.index.digest(_holder(worker, digest["tier"]))
+            if chunks != digest["chunks"] or xor != digest["xor"].lower():
+                stale.append(digest["tier"])
+        ctx.digests["stale" if stale else "match"] += 1
+        return {"stale": stale}
 
 
 class WorkerDeregister(Command):
@@ -177,4 +230,4 @@ class WorkerDeregister(Command):
         return {"deregistered": True}
 
 
-COMMANDS = (WorkerRegister, WorkerHeartbeat, WorkerAdmit, WorkerEvict, WorkerDeregister)
+COMMANDS = (WorkerRegister, WorkerHeartbeat, WorkerAdmit, WorkerEvict, WorkerDigest, WorkerDeregister)

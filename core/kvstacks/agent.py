@@ -4,10 +4,12 @@ It runs beside the engine in two daemon threads and never blocks it:
 
 - the *reporter* registers with the controller, heartbeats with the engine's
   stats, and ships admitted/evicted chunk hashes in coalesced, bounded batches.
-  Whenever the controller does not know it (a controller restart, a lost batch,
-  a queue overflow) it registers again and re-reports everything the engine
-  holds (``engine.keys()``), so the cluster view heals within one heartbeat
-  interval plus a resync;
+  Whenever the controller does not know it (a controller restart, a failed
+  report, a queue overflow) it registers again and re-reports everything the
+  engine holds (``engine.keys()``), so the cluster view heals within one
+  heartbeat interval plus a resync. Drift nobody noticed (a report lost on the
+  way) is caught by a digest per tier every ``resync_interval``: a tier whose
+  digest differs from the controller's twice in a row is re-sent in full;
 - the *command server*, a small HTTP server on loopback, runs the controller's
   commands (clear, pin, compress, move, ...) against the engine's public API.
 
@@ -21,6 +23,7 @@ import collections
 import hmac
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -30,6 +33,8 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+import numpy as np
 
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError, KVStacksError
@@ -63,6 +68,9 @@ class AgentOptions:
     flush_interval: float = 0.05
     #: Queued chunk events beyond this are dropped and replaced by a full resync.
     max_pending: int = 1 << 18
+    #: Seconds between checks of the controller's index against the engine (a digest per tier);
+    #: a lost report is corrected within this plus ``_CONFIRM`` seconds and one resync.
+    resync_interval: float = 30.0
     #: Transfer channels to open (default: every installed one).
     transfer_channels: list[str] | None = None
     #: Options of each transfer channel, by name (e.g. ``{tcp: {max_frame_bytes: 256MiB}}``).
@@ -78,7 +86,7 @@ def parse_options(section: Any) -> AgentOptions:
         raise ConfigError("controller.url", f"expected http://host:port, got {options.url!r}")
     if not options.instance_id:
         raise ConfigError("controller.instance_id", "must not be empty")
-    for name in ("heartbeat_interval", "request_timeout", "flush_interval"):
+    for name in ("heartbeat_interval", "request_timeout", "flush_interval", "resync_interval"):
         if getattr(options, name) <= 0:
             raise ConfigError(f"controller.{name}", "must be a positive number of seconds")
     for name in ("batch_size", "max_pending"):
@@ -129,6 +137,10 @@ class Agent:
         self.channel_addresses: dict[str, str] = {}
         self.registered = False
         self.registrations = 0
+        self.digest_checks = 0
+        self.resyncs = 0
+        self._next_check = 0.0
+        self._suspect: set[str] = set()  # tiers whose digest differed at the last check
         self._events: collections.deque[tuple[str, str, list[CacheKey]]] = collections.deque()
         self._pending = 0
         self._overflowed = False
@@ -224,12 +236,15 @@ class Agent:
 
     def _take(self) -> list[tuple[str, str, list[CacheKey]]]:
         with self._lock:
-            events = list(self._events)
-            self._events.clear()
-            self._pending = 0
-            if self._overflowed:
-                self._overflowed = False
-                self.registered = False
+            return self._take_locked()
+
+    def _take_locked(self) -> list[tuple[str, str, list[CacheKey]]]:
+        events = list(self._events)
+        self._events.clear()
+        self._pending = 0
+        if self._overflowed:
+            self._overflowed = False
+            self.registered = False
         return events
 
     # ---------------------------------------------------------------- reporter thread
@@ -250,6 +265,8 @@ class Agent:
                     self._post("/worker/heartbeat", {**self._ids(), "stats": self._stats()})
                     next_beat = time.monotonic() + self.options.heartbeat_interval
                 self._flush(self._take())
+                if self.registered and time.monotonic() >= self._next_check:
+                    self._check_index()
             except ControllerRefused as exc:
                 if exc.status == 409:
                     log.info("controller forgot this worker (restarted?); registering again")
@@ -263,7 +280,8 @@ class Agent:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.options.heartbeat_interval)
                 continue
-            wait = max(0.0, min(next_beat - time.monotonic(), self.options.heartbeat_interval))
+            wait = max(0.0, min(next_beat, self._next_check) - time.monotonic())
+            wait = min(wait, self.options.heartbeat_interval)
             if self._wake.wait(wait):
                 self._wake.clear()
                 self._stop.wait(self.options.flush_interval)  # let a burst coalesce
@@ -292,8 +310,49 @@ class Agent:
         )
         self.registered = True
         self.registrations += 1
+        self._suspect.clear()
+        self._next_check = time.monotonic() + self.options.resync_interval
         for tier, keys in engine.keys().items():
             self._send_hashes("admit", tier, keys)
+
+    def _check_index(self) -> None:
+        """Compare a digest of each tier with the controller's index; re-send a tier that differs twice in a row."""
+        with self._lock:
+            # Events queued before the snapshot go out first, so both sides digest the same moment.
+            events = self._take_locked()
+            digests = [{"tier": tier, **digest(keys)} for tier, keys in self.engine.keys().items()]
+        if not self.registered:
+            return  # the queue overflowed: registering again resyncs everything
+        self._flush(events)
+        try:
+            answer = self._post("/worker/digest", {**self._ids(), "tiers": digests})
+        except ControllerRefused as exc:
+            if exc.status != 404 or exc.body:
+                raise
+            log.warning("the controller at %s does not check digests (an older version?); its index "
+                        "heals only when this worker registers again", self.url)
+            self._next_check = float("inf")  # until the next registration
+            return
+        self.digest_checks += 1
+        stale = {tier for tier in answer.get("stale", ()) if isinstance(tier, str)}
+        drifted = stale & self._suspect
+        for tier in sorted(drifted):
+            self._resync(tier)
+        # A change the engine made but had not reported yet at the snapshot makes one check
+        # differ; a second look a moment later tells real drift from that.
+        self._suspect = stale - drifted
+        later = min(_CONFIRM, self.options.resync_interval) if self._suspect else self.options.resync_interval
+        self._next_check = time.monotonic() + later
+
+    def _resync(self, tier: str) -> None:
+        """Replace what the controller's index has for ``tier`` with what the engine holds."""
+        with self._lock:
+            events = self._take_locked()
+            keys = self.engine.keys(tier)[tier]
+        self._flush(events)
+        log.info("controller's index differed for tier %s; re-sending its %d chunks", tier, len(keys))
+        self._send_hashes("admit", tier, keys, replace=True)
+        self.resyncs += 1
 
     def _flush(self, events: list[tuple[str, str, list[CacheKey]]]) -> None:
         # Merge runs of the same (kind, tier), keeping order between admits and evicts.
@@ -306,14 +365,16 @@ class Agent:
         for kind, tier, keys in merged:
             self._send_hashes(kind, tier, keys)
 
-    def _send_hashes(self, kind: str, tier: str, keys: list[CacheKey]) -> None:
+    def _send_hashes(self, kind: str, tier: str, keys: list[CacheKey], replace: bool = False) -> None:
+        """Report ``keys`` in batches; with ``replace``, the first batch (sent even when empty)
+        tells the controller to forget what it had for ``tier``."""
         size = self.options.batch_size
-        for start in range(0, len(keys), size):
+        for start in range(0, max(len(keys), int(replace)), size):
             batch = keys[start : start + size]
-            self._post(
-                f"/worker/{kind}",
-                {**self._ids(), "tier": tier, "hashes": b"".join(k.chunk_hash for k in batch).hex()},
-            )
+            body = {**self._ids(), "tier": tier, "hashes": b"".join(k.chunk_hash for k in batch).hex()}
+            if replace and not start:
+                body["replace"] = True
+            self._post(f"/worker/{kind}", body)
 
     def _stats(self) -> dict[str, Any]:
         try:
@@ -416,6 +477,21 @@ class Agent:
         if tier is not None and not isinstance(tier, str):
             raise KVStacksError("transfer meta 'tier' must be a tier name")
         return {"num_tokens": self.engine.import_chunks(objs, tier)}
+
+
+#: Seconds before a tier whose digest differed is checked again (and re-sent if it still differs).
+_CONFIRM = 1.0
+_CHUNK_HASH = operator.attrgetter("chunk_hash")  # ~1.7x a generator expression over 100,000 keys
+
+
+def digest(keys: list[CacheKey]) -> dict[str, Any]:
+    """``{"chunks", "xor"}`` of a tier: how many chunks, and the XOR of their 16-byte hashes as two
+    little-endian 64-bit halves in hex (what the controller's index keeps per holder)."""
+    xor = np.zeros(2, dtype="<u8")
+    if keys:
+        halves = np.frombuffer(b"".join(map(_CHUNK_HASH, keys)), dtype="<u8").reshape(-1, 2)
+        xor = np.bitwise_xor.reduce(halves, axis=0)
+    return {"chunks": len(keys), "xor": xor.astype("<u8").tobytes().hex()}
 
 
 def _version() -> str:

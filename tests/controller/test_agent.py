@@ -99,3 +99,21 @@ def test_an_unreachable_controller_never_blocks_the_engine():
         assert not engine.agent.registered
     finally:
         engine.close()
+
+
+def test_a_controller_without_digest_checks_is_tolerated():
+    from kvstacks.agent import ControllerRefused
+
+    class Engine(_Engine):
+        def keys(self, tier=None):
+            return {"cpu": _keys(3)}
+
+    agent = Agent(Engine(), AgentOptions(url="http://127.0.0.1:1", instance_id="i"), token="t")
+    agent.registered = True
+
+    def older_controller(path, body, timeout=None):
+        raise ControllerRefused(404, {})  # Starlette's plain 404: no such route
+
+    agent._post = older_controller
+    agent._check_index()  # no exception: the reporter keeps going, registered
+    assert agent.registered and agent._next_check == float("inf") and agent.digest_checks == 0

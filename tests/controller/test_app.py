@@ -125,6 +125,35 @@ async def test_reregistration_forgets_the_old_session(client):
     assert r.status_code == 409 and r.json()["reregister"] is True
 
 
+async def test_digest_names_stale_tiers_and_admit_with_replace_resets_one(client):
+    from kvstacks.agent import digest
+    from kvstacks.keys import CacheKey, chunk_hashes
+
+    ids = await register(client)
+    ids = {k: ids[k] for k in ("instance_id", "worker_id", "session")}
+    await admit(client, SEED_TOKENS)  # 3 chunks in cpu
+    held = [CacheKey("m", "kv", 1, 0, h) for h in chunk_hashes(SEED_TOKENS, 4, b"")]
+
+    async def check(cpu):
+        r = await client.post(
+            "/worker/digest",
+            json={**ids, "tiers": [{"tier": "cpu", **digest(cpu)}, {"tier": "disk", **digest([])}]},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["stale"]
+
+    assert await check(held) == []
+    assert await check(held[:2]) == ["cpu"]  # the worker holds one chunk fewer than the index says
+    r = await client.post("/worker/admit", json={**ids, "tier": "cpu", "replace": True, "hashes": held[0].chunk_hash.hex()})
+    assert r.status_code == 200 and client.cluster.resyncs == 1
+    assert await check(held[:1]) == []
+    assert client.cluster.digests == {"match": 2, "stale": 1}
+    r = await client.post("/worker/digest", json={**ids, "tiers": [{"tier": "gpu", **digest([])}]})
+    assert r.status_code == 404 and "its tiers: cpu, disk" in r.json()["error"]
+    r = await client.post("/worker/evict", json={**ids, "tier": "cpu", "replace": True, "hashes": ""})
+    assert r.status_code == 400 and "replace" in r.json()["error"]
+
+
 async def test_deregister_removes_the_worker_and_its_chunks(client):
     body = await register(client)
     await admit(client, SEED_TOKENS)

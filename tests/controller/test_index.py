@@ -127,3 +127,25 @@ def test_matches_a_dict_of_sets_model(script):
     for i, x in enumerate(pool):
         assert {k for k in range(5) if present[i, hids[k]]} == model.get(x, set())
     assert isinstance(present, np.ndarray)
+
+
+def test_a_holders_digest_follows_admits_evicts_and_clears_as_the_agent_computes_it():
+    from kvstacks.agent import digest
+    from kvstacks.keys import CacheKey
+
+    keys = [CacheKey("m", "kv", 1, 0, h) for h in digests(300)]
+    hashes = [k.chunk_hash for k in keys]
+    idx = ChunkIndex(capacity=16)  # grows and rebuilds on the way
+    holders = [idx.holder("i", w, "cpu") for w in range(70)]  # past one word of the bit matrix
+    h = holders[-1]
+    assert idx.digest(h) == (0, "0" * 32) == tuple(digest([]).values())
+    idx.admit(h, hashes[:200])
+    idx.admit(h, hashes[100:])  # the overlap counts once
+    idx.admit(holders[0], hashes)  # another holder's chunks change nothing here
+    idx.evict(h, hashes[:50])
+    idx.evict(h, hashes[:10])  # no longer held: no change
+    expected = digest(keys[50:])
+    assert idx.digest(h) == (expected["chunks"], expected["xor"]) == (250, expected["xor"])
+    assert idx.digest(h) != tuple(digest(keys[51:]).values())
+    idx.clear_holder(h)
+    assert idx.digest(h) == (0, "0" * 32)

@@ -7,6 +7,7 @@ loopback; every check goes through ``POST /lookup``.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -118,3 +119,44 @@ def test_chunks_a_tier_finds_gone_on_read_leave_the_index(live_controller, make_
     assert engine.retrieve(a) == (None, 0)
     live_controller.wait(lambda: layout(live_controller, engine, a) is None, "the lost chunks unindexed")
 
+
+def test_lost_reports_are_healed_by_the_digest_check(live_controller, make_engine):
+    # Fails before the fix: nothing compared the index with the engine, so a lost report stayed
+    # lost until the worker happened to register again (issue 10, item 3).
+    interval = 0.5
+    engine = make_engine(cpu_chunks=16, resync_interval=interval)
+    agent = engine.agent
+    a, b = list(range(12)), list(range(200, 212))
+    engine.store(a, kv(12))
+    assert engine.flush(10)
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["cpu", 12], "a indexed")
+    report = agent.report
+    agent.report = lambda *args: None  # every report lost on the way, as a dropped batch would be
+    try:
+        engine.store(b, kv(12, seed=2))
+        assert engine.flush(10)
+        engine.remove(a)
+    finally:
+        agent.report = report
+    started = time.monotonic()
+    live_controller.wait(
+        lambda: layout(live_controller, engine, a) is None and layout(live_controller, engine, b) == ["cpu", 12],
+        "the index to converge",
+        timeout=interval + 1.0 + 10,  # a check, its confirmation, the resync (and a loaded machine)
+    )
+    healed = time.monotonic() - started
+    assert agent.resyncs >= 1
+    metrics = live_controller.http.get("/metrics").text
+    assert "kvstacks_controller_index_resyncs_total" in metrics
+    print(f"healed in {healed:.2f} s (resync_interval {interval} s)")
+
+
+def test_a_quiet_index_costs_one_digest_per_interval_and_no_resync(live_controller, make_engine):
+    engine = make_engine(cpu_chunks=4, resync_interval=0.1)
+    for i in range(6):  # evictions from cpu too: every path reports, so the digests agree
+        engine.store(list(range(100 * i, 100 * i + 8)), kv(8, seed=i))
+    assert engine.flush(10)
+    time.sleep(0.3)  # a check that straddled the stores may still confirm and resync once
+    checks, resyncs = engine.agent.digest_checks, engine.agent.resyncs
+    live_controller.wait(lambda: engine.agent.digest_checks >= checks + 5, "five digest checks")
+    assert engine.agent.resyncs == resyncs
