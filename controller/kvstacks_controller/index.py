@@ -18,7 +18,7 @@ vectorized AND over a column.
 
 Any index the cluster uses (this one, or ``replicas.RedisChunkIndex`` shared by
 controller replicas) offers the same synchronous methods: ``holder``,
-``holder_of``, ``holder_ids``, ``count``, ``clear_holder``, ``release_holder``,
+``holder_of``, ``holder_ids``, ``count``, ``digest``, ``clear_holder``, ``release_holder``,
 ``admit``, ``evict``, ``presence``, ``prefix_lengths``, ``len()`` and ``nbytes``.
 """
 

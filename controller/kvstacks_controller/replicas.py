@@ -38,10 +38,27 @@ from kvstacks_controller.registry import Worker, WorkerRegistry
 
 DEFAULT_PREFIX = "kvstacks:index:"
 
-_ADMIT = """
+# ``x:<holder id>``: the XOR of the holder's chunk hashes (16 bytes), kept by admit and evict,
+# so a worker's digest check (``digest``) reads two keys, not the holder's whole set.
+_XOR = """
+local function xor_into(x, h)
+  local a, b, c, d = struct.unpack('<i4i4i4i4', h)
+  x[1], x[2], x[3], x[4] = bit.bxor(x[1], a), bit.bxor(x[2], b), bit.bxor(x[3], c), bit.bxor(x[4], d)
+end
+local function save_xor(p, hid, x, changed)
+  if changed == 0 then return end
+  local xk = p .. 'x:' .. hid
+  local old = redis.call('GET', xk)
+  if old then xor_into(x, old) end
+  redis.call('SET', xk, struct.pack('<i4i4i4i4', x[1], x[2], x[3], x[4]))
+end
+"""
+
+_ADMIT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local hkey = p .. 'h:' .. hid
 local added, born = 0, 0
+local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
   local h = string.sub(blob, i, i + 15)
   local ck = p .. 'c:' .. h
@@ -49,23 +66,27 @@ for i = 1, #blob, 16 do
   if redis.call('SETBIT', ck, hid, 1) == 0 then
     added = added + 1
     redis.call('SADD', hkey, h)
+    xor_into(x, h)
     if existed == 0 then born = born + 1 end
   end
 end
 if born > 0 then redis.call('INCRBY', p .. 'live', born) end
+save_xor(p, hid, x, added)
 return added
 """
 
-_EVICT = """
+_EVICT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local hkey = p .. 'h:' .. hid
 local removed, died = 0, 0
+local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
   local h = string.sub(blob, i, i + 15)
   local ck = p .. 'c:' .. h
   if redis.call('SETBIT', ck, hid, 0) == 1 then
     removed = removed + 1
     redis.call('SREM', hkey, h)
+    xor_into(x, h)
     if redis.call('BITCOUNT', ck) == 0 then
       redis.call('DEL', ck)
       died = died + 1
@@ -75,6 +96,7 @@ for i = 1, #blob, 16 do
   end
 end
 if died > 0 then redis.call('DECRBY', p .. 'live', died) end
+save_xor(p, hid, x, removed)
 return removed
 """
 
@@ -91,7 +113,7 @@ for _, h in ipairs(members) do
     died = died + 1
   end
 end
-redis.call('DEL', hkey)
+redis.call('DEL', hkey, p .. 'x:' .. hid)
 if died > 0 then redis.call('DECRBY', p .. 'live', died) end
 if ARGV[3] == 'release' then
   local name = redis.call('HGET', p .. 'holder_names', hid)
@@ -207,6 +229,16 @@ class RedisChunkIndex:
 
     def count(self, hid: int) -> int:
         return int(self.store.call(self.store.client.scard, f"{self.store.prefix}h:{hid}"))
+
+    def digest(self, hid: int) -> tuple[int, str]:
+        def read() -> list[Any]:
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.scard(f"{self.store.prefix}h:{hid}")
+            pipe.get(f"{self.store.prefix}x:{hid}")
+            return pipe.execute()
+
+        count, xor = self.store.call(read)
+        return int(count), (xor or bytes(HASH_BYTES)).hex()
 
     def clear_holder(self, hid: int) -> int:
         return int(self.store.script("clear", hid, "keep"))
