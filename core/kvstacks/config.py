@@ -53,7 +53,7 @@ MAX_BACKOFF_S = 3600.0
 
 @dataclass
 class OffloadConfig:
-    #: null: a quarter of the top tier's capacity, at most 1 GiB (1 GiB when the top tier is unbounded)
+    #: null: the top tier's capacity, at most 1 GiB (1 GiB when the top tier is unbounded)
     queue_bytes: Size | None = None
     when_full: Literal["drop", "wait"] = "drop"
     retries: int = 3
@@ -80,7 +80,7 @@ class OffloadConfig:
             return int(self.queue_bytes)
         if top_capacity is None:
             return DEFAULT_QUEUE_BYTES
-        return max(1, min(DEFAULT_QUEUE_BYTES, top_capacity // 4))
+        return max(1, min(DEFAULT_QUEUE_BYTES, top_capacity))
 
 
 @dataclass

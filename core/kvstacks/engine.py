@@ -147,9 +147,15 @@ class CacheEngine:
         layers, hidden, dtype = kv.shape[1], kv.shape[3], kv.dtype
         parts = kv.split(self.config.chunk_size, dim=2)  # every chunk's view in one call
         views = []
+        resend = []  # held by the top tier but missing below (dropped, evicted, or lost by a shared store)
+        lower = self.tiers[1:] if through else ()
         for key, (start, end), part in zip(keys, bounds, parts):
             if key in top.index:
                 top.touch(key)
+                for tier in lower:
+                    if key not in tier.index:
+                        resend.append(MemoryObj(key, part, (2, layers, end - start, hidden), dtype))
+                        break
                 continue
             views.append(MemoryObj(key, part, (2, layers, end - start, hidden), dtype))
         if top.in_process:
@@ -164,6 +170,9 @@ class CacheEngine:
             if through:
                 leased = top.backend.get_now(key) if kept and top.in_process else None
                 self._offload_down(0, key, leased if leased is not None else self._stable(view), leased)
+        for view in resend:
+            leased = top.backend.get_now(view.key) if top.in_process else None
+            self._offload_down(0, view.key, leased if leased is not None else self._stable(view), leased, fresh=False)
         if admitted:
             pm.hook.chunks_admitted(engine=self, tier=top.name, keys=admitted)
         if evicted_keys:
@@ -223,10 +232,15 @@ class CacheEngine:
             if tier.in_process:
                 tier.drop_now(key, obj)
 
-    def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj, leased: MemoryObj | None) -> None:
-        """Queue ``obj`` for every tier below ``level``; end the lease on ``leased`` when all are written."""
+    def _offload_down(self, level: int, key: CacheKey, obj: MemoryObj, leased: MemoryObj | None,
+                      fresh: bool = True) -> None:
+        """Queue ``obj`` for every tier below ``level``; end the lease on ``leased`` when all are written.
+
+        A ``fresh`` chunk (new to tier ``level``) goes to every shared tier even if its index
+        lists the key: the server may have forgotten it, and the tier checks before writing.
+        """
         source = self.tiers[level]
-        targets = [t for t in self.tiers[level + 1:] if not t.has(key)]
+        targets = [t for t in self.tiers[level + 1:] if not t.has(key) or (fresh and t.shared)]
         done = None if leased is None else self._release_after(source, leased, len(targets))
         for target in targets:
             self._submit(target, obj, done)

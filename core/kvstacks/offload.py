@@ -47,6 +47,9 @@ class Offloader:
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._pending = 0
+        # (tier, key) of every queued write: a chunk queued twice (stored again before its
+        # first write landed) is written once.
+        self._queued: set[tuple[str, CacheKey]] = set()
         self._queues: dict[str, asyncio.Queue[Job]] = {}
         self._workers: list[asyncio.Task] = []
         self.depth: dict[str, int] = {t.name: 0 for t in tiers}
@@ -62,6 +65,10 @@ class Offloader:
     def submit(self, job: Job) -> bool:
         """Queue a write from any thread; False when dropped for lack of room."""
         with self._cond:
+            if (job.tier.name, job.key) in self._queued:
+                if job.done:
+                    job.done()
+                return True
             budget = self.queue_bytes
             if self._queued_bytes + job.nbytes > budget and self._queued_bytes > 0:
                 # The loop thread must never wait on itself: it drops instead.
@@ -74,6 +81,7 @@ class Offloader:
                 while self._queued_bytes > 0 and self._queued_bytes + job.nbytes > budget:
                     self._cond.wait()
             self._queued_bytes += job.nbytes
+            self._queued.add((job.tier.name, job.key))
             self._pending += 1
             self.depth[job.tier.name] += 1
         self.io.call_soon(self._queues[job.tier.name].put_nowait, job)
@@ -95,6 +103,7 @@ class Offloader:
             job.done()
         with self._cond:
             self._queued_bytes -= job.nbytes
+            self._queued.discard((job.tier.name, job.key))
             self._pending -= 1
             self.depth[job.tier.name] -= 1
             self._cond.notify_all()

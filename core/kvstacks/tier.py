@@ -74,6 +74,8 @@ class Tier:
         self._next_expiry = float("inf")  # earliest pin deadline, so expiry checks cost O(1) until one is due
         # Chunks being read are not chosen as victims; the backend's leases keep their memory safe.
         self.in_use: Counter[CacheKey] = Counter()
+        # Chunks whose put is in flight: a miss reported meanwhile is not evidence they are gone.
+        self.writing: Counter[CacheKey] = Counter()
         self.stats = TierStats()
         #: Told of chunks the tier forgot on its own (gone or corrupt on read), so the engine can report them.
         self.on_lost: Callable[[list[CacheKey]], None] | None = None
@@ -171,6 +173,13 @@ class Tier:
         """Forget a chunk found gone or corrupt, and say so (unlike ``forget``, which the caller reports)."""
         if self.forget(key) and self.on_lost is not None:
             self.on_lost([key])
+
+    def drop_stale(self, key: CacheKey) -> None:
+        """The backend does not have ``key``: believe it over the index, unless a write of it is in flight."""
+        with self.lock:
+            if self.writing.get(key):
+                return
+        self.lose(key)
 
     def forget_all(self) -> list[CacheKey]:
         with self.lock:
@@ -325,13 +334,24 @@ class Tier:
         encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
         victims = self.reserve(key, encoded.nbytes)
         if victims is None:
-            self.touch(key)
-            return []
+            # A shared store's server may have forgotten the key (FLUSHALL, a restart, its own
+            # eviction): the index is a guess there, so ask before skipping the write.
+            if not self.shared or await self._still_there(key):
+                self.touch(key)
+                return []
+            victims = []  # written again below; its room is already accounted
+        with self.lock:
+            self.writing[key] += 1
         try:
             await self.backend.put(key, encoded)
         except BaseException:
             self.forget(key)
             raise
+        finally:
+            with self.lock:
+                self.writing[key] -= 1
+                if not self.writing[key]:
+                    del self.writing[key]
         self.stats.bytes_written += encoded.nbytes
         self.write_seconds.observe(time.perf_counter() - started)
         if key not in self.index:
@@ -348,6 +368,12 @@ class Tier:
                 self.failed("remove of an evicted chunk", exc)
         return victims
 
+    async def _still_there(self, key: CacheKey) -> bool:
+        try:
+            return await self.backend.contains(key)
+        except Exception:
+            return False  # unknown: write (a put that fails is counted where it fails)
+
     async def aget(self, key: CacheKey, decode: bool = True) -> MemoryObj | None:
         """Fetch (and decode) a copy the caller owns; a failure or a corrupt chunk is a miss (and is forgotten)."""
         started = time.perf_counter()
@@ -363,7 +389,7 @@ class Tier:
             self.failed("get (a miss)", exc)
             return None
         if obj is None:
-            self.lose(key)
+            self.drop_stale(key)
             return None
         try:
             decoded = await asyncio.to_thread(self.decode, obj) if decode and obj.compressor != "none" else obj
@@ -394,7 +420,7 @@ class Tier:
         elapsed = (time.perf_counter() - started) / max(1, len(keys))
         for key, obj in zip(keys, objs):
             if obj is None:
-                self.lose(key)
+                self.drop_stale(key)
                 continue
             self.stats.bytes_read += obj.nbytes
             self.read_seconds.observe(elapsed)
@@ -402,11 +428,17 @@ class Tier:
         return objs
 
     async def abatch_contains(self, keys: list[CacheKey]) -> list[bool]:
+        """Ask the backend; a key it does not have leaves the index (a shared store may have lost it)."""
         try:
-            return await self.backend.batch_contains(keys)
+            present = await self.backend.batch_contains(keys)
         except Exception as exc:
             self.failed("lookup (misses)", exc)
             return [False] * len(keys)
+        index = self.index
+        for key, yes in zip(keys, present):
+            if not yes and key in index:
+                self.drop_stale(key)
+        return present
 
     async def aremove(self, key: CacheKey) -> bool:
         known = self.forget(key)

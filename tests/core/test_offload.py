@@ -44,7 +44,7 @@ def test_zero_retries_is_one_try_and_the_queue_is_sized_from_the_top_tier():
     cfg = stack({"retries": 0})
     cfg["stack"][0]["capacity"] = "4MiB"
     with CacheEngine.from_config(cfg) as e:
-        assert e.offloader.queue_bytes == 1 << 20  # a quarter of the top tier
+        assert e.offloader.queue_bytes == 4 << 20  # the top tier's capacity
         e.store(list(range(32)), kv_for(32))
         assert e.flush(10)
         assert e.lookup_tiers(list(range(32)))["test-remote"] == 32

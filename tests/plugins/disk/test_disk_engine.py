@@ -69,3 +69,23 @@ def test_an_unwritable_path_is_a_config_error_naming_it() -> None:
     with pytest.raises(Exception, match="/proc/self") as info:
         CacheEngine.from_config(disk_only(Path("/proc/self/kvstacks")))
     assert "create it yourself or choose a writable path" in str(info.value)
+
+
+def test_a_shared_disk_tier_writes_again_what_another_process_removed(tmp_path: Path) -> None:
+    # With shared: true another process may clear the directory; on main the tier's index kept
+    # listing the files, so storing the prompt again never wrote them back.
+    config = {"model": "m", "chunk_size": CHUNK, "stack": [
+        {"backend": "cpu", "capacity": "16MiB"}, {"backend": "disk", "path": str(tmp_path), "shared": True}]}
+    tokens, kv = tokens_and_kv(3)
+    with CacheEngine.from_config(config) as engine:
+        engine.store(tokens, kv)
+        assert engine.flush(30)
+        with CacheEngine.from_config(config) as other:  # another engine on the same directory
+            other.clear("disk")
+        engine.clear("cpu")
+        engine.store(tokens, kv)
+        assert engine.flush(30)
+        assert engine.lookup_tiers(tokens) == {"cpu": len(tokens), "disk": len(tokens)}
+        engine.clear("cpu")
+        got, n = engine.retrieve(tokens)
+        assert n == len(tokens) and bits(got) == bits(kv)
