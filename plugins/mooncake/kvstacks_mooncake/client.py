@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from typing import Any
 
@@ -51,6 +52,12 @@ def prepare_environment(o: MooncakeOptions) -> None:
 def connect(o: MooncakeOptions) -> Any:
     """A set-up ``MooncakeDistributedStore`` (blocking); raises MooncakeUnavailable or ImportError."""
     prepare_environment(o)
+    # setup() holds the GIL while it tries the master (~4.5 s when nobody answers), freezing every
+    # thread of the process: ask the kernel first, which refuses at once when no master listens
+    try:
+        socket.create_connection(o.master_address, timeout=o.connect_timeout).close()
+    except OSError as exc:
+        raise MooncakeUnavailable(f"no Mooncake master at {o.master} ({exc.strerror or exc})") from None
     try:
         from mooncake.store import MooncakeDistributedStore
     except ImportError as exc:
