@@ -27,6 +27,8 @@ T = TypeVar("T")
 #: size hints kept for keys this process wrote or read (a read needs a buffer of the right size)
 MAX_HINTS = 1 << 20
 CHECK_BYTES = 8
+#: extra attempts for puts that failed in transfer (placed on a dead process's segment)
+PUT_RETRIES = 2
 
 
 class MooncakeBackend(Backend):
@@ -207,6 +209,16 @@ class MooncakeBackend(Backend):
                 sizes.append(item_sizes)
                 offset += n + CHECK_BYTES
             codes = store.batch_put_from_multi_buffers(names, ptrs, sizes, self._config)
+            # A segment whose process died stays listed for the master's client_ttl and puts placed
+            # there fail; the master places a retried put anew.
+            for _ in range(PUT_RETRIES):
+                again = [i for i, c in enumerate(codes) if c == mc.TRANSFER_FAIL]
+                if not again:
+                    break
+                retried = store.batch_put_from_multi_buffers([names[i] for i in again], [ptrs[i] for i in again],
+                                                             [sizes[i] for i in again], self._config)
+                for i, code in zip(again, retried):
+                    codes[i] = code
         finally:
             self.registrations.release(held)
             self.slots.give_back(slot)

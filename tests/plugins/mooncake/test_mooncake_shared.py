@@ -77,7 +77,7 @@ def test_what_one_process_stores_the_other_reads_bit_exactly(mooncake_master):
         assert peer.ask(f"lookup 8 {3 * CHUNK}") == 3 * CHUNK
         assert peer.ask(f"lookup 9 {CHUNK}") == 0
     finally:
-        peer.kill()  # a clean exit costs seconds (Mooncake's teardown); nothing here needs one
+        peer.quit()  # killed, its segment would stay listed for client_ttl and fail the puts placed there
         local.clear()
         local.close()
 
