@@ -2,7 +2,7 @@
 # Create .venv and install kvstacks with every distribution in this repository.
 #   scripts/setup.sh           the library, plugins and the demo's model
 #   scripts/setup.sh --test    also test requirements and the servers the tests start
-# Needs only Python 3.11+ with pip; Debian packages (redis-server, libibverbs1) are installed with
+# Needs only Python 3.11+ with pip; Debian packages (redis-server, libibverbs1, chromium) are installed with
 # apt-get when --test is given and they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +43,9 @@ if [ "${1:-}" = "--test" ]; then
     command -v openssl >/dev/null || need+=(openssl)             # TLS certificates for the redis tests
     # Mooncake's wheel links libibverbs (even for TCP); without it mooncake.store fails to import
     ldconfig -p | grep -q 'libibverbs\.so\.1 ' || need+=(libibverbs1)
+    # The controller's admin page is tested in a real headless Chromium, driven by selenium
+    command -v chromium >/dev/null || need+=(chromium)
+    command -v chromedriver >/dev/null || need+=(chromium-driver)
     if [ ${#need[@]} -gt 0 ]; then
         SUDO=""
         [ "$(id -u)" = 0 ] || SUDO="sudo"
