@@ -6,6 +6,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from kvstacks.config import is_loopback
+
 #: Weight of a chunk held in each tier when ranking instances for /route ("*": any other tier).
 DEFAULT_TIER_WEIGHTS = {"cpu": 1.0, "disk": 0.8, "*": 0.5}
 
@@ -107,12 +109,3 @@ class Settings:
                 f"refusing to listen on {self.host} (beyond loopback) without {' and '.join(missing)}: "
                 "set them to long random strings, or bind --host 127.0.0.1"
             )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvstacks.config import Size
+from kvstacks.config import Size, is_loopback
 from kvstacks.errors import ConfigError, KVStacksError
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
@@ -154,6 +154,13 @@ class Agent:
 
     def start(self) -> None:
         host = self.options.listen_host
+        if not self.token and not is_loopback(host):
+            raise ConfigError(
+                "controller.listen_host",
+                f"listening on {host} (beyond loopback) needs {TOKEN_ENV}: without it anyone who reaches "
+                "this port may send chunks and commands; set it to a long random string (the same for the "
+                "controller and every worker), or listen on 127.0.0.1",
+            )
         self._server = ThreadingHTTPServer((host, self.options.listen_port), _handler_for(self))
         self._server.daemon_threads = True
         self.address = f"{self.options.advertise_host or host}:{self._server.server_address[1]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -166,6 +167,16 @@ def convert(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build_options(tp, value, path)
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address to bind) stays on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def build_options(options_cls: type, values: Mapping[str, Any] | None, path: str) -> Any:

@@ -117,3 +117,15 @@ def test_a_controller_without_digest_checks_is_tolerated():
     agent._post = older_controller
     agent._check_index()  # no exception: the reporter keeps going, registered
     assert agent.registered and agent._next_check == float("inf") and agent.digest_checks == 0
+
+
+def test_listening_beyond_loopback_without_a_worker_token_is_refused(monkeypatch):
+    # Fails before the fix: the agent's command server and transfer receiver opened on any
+    # address with no token, so anyone who reached them could send chunks and commands.
+    from kvstacks import CacheEngine
+    from kvstacks.testing import require
+
+    require("kvstacks_cpu", "pip install -e plugins/cpu")
+    monkeypatch.delenv("KVSTACKS_WORKER_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"controller\.listen_host: .*KVSTACKS_WORKER_TOKEN"):
+        CacheEngine.from_config(_stack({"url": "http://127.0.0.1:1", "instance_id": "i", "listen_host": "0.0.0.0"}))
