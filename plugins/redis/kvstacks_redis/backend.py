@@ -13,12 +13,13 @@ from kvstacks.backend import Backend
 from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
+from kvstacks.readbuffers import ReadBuffers
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
 from kvstacks_redis.connect import RedisOptions, build_client, redacted
-from kvstacks_redis.wire import put_frames
+from kvstacks_redis.wire import get_values_raw, put_frames
 
 log = logging.getLogger("kvstacks.redis")
 T = TypeVar("T")
@@ -57,6 +58,7 @@ class RedisBackend(Backend):
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
         self.corrupt = 0  # chunks found corrupt or foreign, for stats
+        self._buffers = ReadBuffers(o.read_buffers)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class RedisBackend(Backend):
             self._closed = True
             return
         self._closed = True
+        self._buffers.clear()
         client, self.client = self.client, None
         try:
             async with asyncio.timeout(self.options.close_timeout):
@@ -208,7 +211,9 @@ class RedisBackend(Backend):
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        if len(names) == 1:
+        if isinstance(self.client, Redis):
+            values = await self._guarded("get", lambda c: get_values_raw(c, names, self._buffers.take))
+        elif len(names) == 1:
             values = [await self._guarded("get", lambda c: c.get(names[0]))]
         else:
             values = await self._guarded("get", lambda c: self._pipelined(c, [("GET", n) for n in names]))
@@ -217,10 +222,20 @@ class RedisBackend(Backend):
             out.append(None if value is None else await self._decode(key, name, value))
         return out
 
-    async def _decode(self, key: CacheKey, name: bytes, value: bytes) -> MemoryObj | None:
+    def release_now(self, obj: MemoryObj) -> None:
+        self._buffers.release(obj)
+
+    async def release(self, obj: MemoryObj) -> None:
+        self.release_now(obj)
+
+    async def _decode(self, key: CacheKey, name: bytes, value: bytes | memoryview) -> MemoryObj | None:
+        buffer = value.obj if isinstance(value, memoryview) else None
         try:
-            return frame.decode(value, expect_key=key)
+            obj = frame.decode(value, expect_key=key)
+            return obj if buffer is None else self._buffers.lend(obj, buffer)
         except CorruptChunk as exc:
+            if buffer is not None:
+                self._buffers.give_back(buffer)
             self.corrupt += 1
             if bytes(value[:4]) == frame.MAGIC:
                 # one of ours gone bad: drop it so nobody reads it again

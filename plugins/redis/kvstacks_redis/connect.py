@@ -53,6 +53,9 @@ class RedisOptions:
     timeout: float = 10.0
     #: a batch is sent as pipelines of at most this many bytes each
     pipeline_bytes: Size = Size(64 << 20)
+    #: idle receive buffers kept for the next reads (after the engine releases a chunk);
+    #: keep room for the chunks of one prefix (8 x 32 MiB chunks need 256 MiB)
+    read_buffers: Size = Size(256 << 20)
     #: consecutive connection failures that open the circuit breaker
     breaker_failures: int = 3
     #: first wait (seconds) before probing a dead server; doubles each failed probe
