@@ -24,7 +24,7 @@ from kvstacks.config import StackConfig, in_tier, load_yaml, parse_stack
 from kvstacks.errors import ConfigError, InvalidInput, TierFull
 from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, hash_chain
 from kvstacks.loop import IOLoop
-from kvstacks.memory import MemoryObj, check_kv
+from kvstacks.memory import KV_DTYPES, MemoryObj, check_kv
 from kvstacks.offload import Job, Offloader
 from kvstacks.plugins import pm, registry
 from kvstacks.tier import Tier
@@ -48,6 +48,9 @@ class CacheEngine:
         self._salt = config.salt.encode()
         self._closed = False
         self._close_lock = threading.Lock()
+        # (layers, hidden, dtype) of this engine's KV, from the last store or retrieve: one
+        # (model, kv_format) has one layout, so a chunk claiming another is lying.
+        self._layout: tuple[int, int, torch.dtype] | None = None
         self.tiers: list[Tier] = []
         for tc in config.stack:
             try:
@@ -145,6 +148,7 @@ class CacheEngine:
         stored = 0
         through = self.config.write_mode == "through" and len(self.tiers) > 1
         layers, hidden, dtype = kv.shape[1], kv.shape[3], kv.dtype
+        self._layout = (layers, hidden, dtype)
         parts = kv.split(self.config.chunk_size, dim=2)  # every chunk's view in one call
         views = []
         resend = []  # held by the top tier but missing below (dropped, evicted, or lost by a shared store)
@@ -381,15 +385,23 @@ class CacheEngine:
             self._count(where, n_ok, len(keys))
             self.requests += 1
             self.query_tokens += bounds[-1][1] if bounds else 0
-            decoded = [self.tiers[where[j]].decode(objs[j]) for j in range(n_ok)]  # type: ignore[arg-type]
-            if decoded:
-                first = decoded[0]
-                layers, hidden, dtype = first.shape[1], first.shape[3], first.dtype
-                for j, obj in enumerate(decoded):
-                    if obj.shape[1] != layers or obj.shape[3] != hidden or obj.dtype != dtype:
-                        log.warning("chunk %d of a prefix has another KV layout; serving the chunks before it", j)
-                        n_ok = j
-                        break
+            layout = self._layout
+            if out is not None:
+                wanted = self._out_layout(out)
+                if layout is not None and wanted != layout:
+                    raise InvalidInput(f"out has {wanted[0]} layers, hidden {wanted[1]}, {wanted[2]}; this engine's KV "
+                                       f"has {layout[0]} layers, hidden {layout[1]}, {layout[2]}")
+            decoded = []
+            for j in range(n_ok):
+                obj = self._checked(self.tiers[where[j]], keys[j], bounds[j], objs[j], layout)  # type: ignore[arg-type]
+                if obj is None:
+                    n_ok = j  # a miss from here on: the chunks before it are served
+                    break
+                decoded.append(obj)
+                layout = (obj.shape[1], obj.shape[3], obj.dtype)
+            if n_ok:
+                layers, hidden, dtype = layout  # type: ignore[misc]
+                self._layout = layout
             if n_ok == 0:
                 self._promote(where, [], raw)
                 metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
@@ -428,6 +440,58 @@ class CacheEngine:
                     tier.stats.hits += 1
                 else:
                     tier.stats.misses += 1
+
+    def _checked(self, tier: Tier, key: CacheKey, bounds: tuple[int, int], obj: MemoryObj,
+                 layout: tuple[int, int, torch.dtype] | None) -> MemoryObj | None:
+        """``obj`` decoded, if it is what ``key`` must hold; else None, and the chunk is dropped as corrupt.
+
+        A frame's checksum proves the bytes are the ones written, not that the writer told the
+        truth: the chunk must hold this key, exactly this chunk's tokens, a KV dtype, and the
+        layers and hidden size of the rest of the prefix (or of ``out``, or of this engine's KV).
+        """
+        try:
+            decoded = tier.decode(obj)
+        except Exception as exc:  # garbage under a valid frame: the compressor could not decode it
+            tier.found_corrupt(key, f"cannot be decoded: {exc}")
+            self._remove_corrupt(tier, key)
+            return None
+        tokens = bounds[1] - bounds[0]
+        shape, data = decoded.shape, decoded.data
+        if decoded.key != key:
+            reason = f"holds key {decoded.key}"
+        elif len(shape) != 4 or shape[0] != 2:
+            reason = f"has shape {tuple(shape)}, not [2, layers, tokens, hidden]"
+        elif shape[2] != tokens:
+            reason = f"claims {shape[2]} tokens where this chunk has {tokens}"
+        elif decoded.dtype not in KV_DTYPES:
+            reason = f"holds {decoded.dtype}, not a KV dtype"
+        elif tuple(data.shape) != tuple(shape) or data.dtype != decoded.dtype:
+            reason = f"decoded to {tuple(data.shape)} {data.dtype}, not the {tuple(shape)} {decoded.dtype} it claims"
+        elif layout is not None and (shape[1], shape[3], decoded.dtype) != layout:
+            reason = (f"has {shape[1]} layers, hidden {shape[3]}, {decoded.dtype} where {layout[0]} layers, "
+                      f"hidden {layout[1]}, {layout[2]} are expected")
+        else:
+            return decoded
+        tier.found_corrupt(key, reason)
+        self._remove_corrupt(tier, key)
+        return None
+
+    def _remove_corrupt(self, tier: Tier, key: CacheKey) -> None:
+        try:
+            if tier.in_process:
+                tier.backend.remove_now(key)  # readers holding a lease keep their bytes until they release
+            else:
+                self.io.run(tier.backend.remove(key))
+        except Exception as exc:
+            tier.failed("remove of a corrupt chunk", exc)
+
+    @staticmethod
+    def _out_layout(out: Any) -> tuple[int, int, torch.dtype]:
+        """The layout the caller's ``out`` asks for; a malformed ``out`` is the caller's mistake."""
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != 2 or out.dtype not in KV_DTYPES:
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InvalidInput(f"out must be a float16, bfloat16 or float32 tensor [2, layers, >= tokens, hidden], got {got}")
+        return out.shape[1], out.shape[3], out.dtype
 
     @staticmethod
     def _output(out: torch.Tensor | None, layers: int, tokens: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:

@@ -174,6 +174,12 @@ class Tier:
         if self.forget(key) and self.on_lost is not None:
             self.on_lost([key])
 
+    def found_corrupt(self, key: CacheKey, reason: str) -> None:
+        """Count and forget a chunk that failed validation (the caller removes it from the backend)."""
+        self.stats.corrupt += 1
+        self.burst.warning("corrupt", f"tier {self.name}: dropped corrupt chunk {key}: it {reason}")
+        self.lose(key)
+
     def drop_stale(self, key: CacheKey) -> None:
         """The backend does not have ``key``: believe it over the index, unless a write of it is in flight."""
         with self.lock:
