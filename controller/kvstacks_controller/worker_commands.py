@@ -141,15 +141,7 @@ class _ChunkReport(Command):
         if body.get("replace"):
             ctx.index.clear_holder(hid)
             ctx.resyncs += 1
-        text = body["hashes"]
-        if len(text) % (2 * HASH_BYTES):
-            raise CommandError(
-                400, f"hashes: expected a multiple of {2 * HASH_BYTES} hex digits, got {len(text)}"
-            )
-        try:
-            raw = bytes.fromhex(text)
-        except ValueError:
-            raise CommandError(400, "hashes: not a hex string") from None
+        raw = _hashes(body["hashes"])
         count = len(raw) // HASH_BYTES
         changed = ctx.index.admit(hid, raw) if self.kind == "admit" else ctx.index.evict(hid, raw)
         ctx.chunk_events[self.kind] += count
@@ -217,6 +209,51 @@ class WorkerDigest(Command):
         return {"stale": stale}
 
 
+class WorkerLocate(Command):
+    """P2P retrieve: which other instances hold how much of a chunk chain, most first."""
+
+    name = "worker/locate"
+    mutating = False
+    auth = "worker"
+    summary = "Worker protocol: peers (same rank, model, chunk size) holding a chain of chunk hashes"
+    request_schema = _obj(
+        ["hashes"],
+        hashes={"type": "string", "description": "concatenated 16-byte chunk hashes of a prefix chain, hex"},
+    )
+
+    async def run(self, ctx: Cluster, body: dict[str, Any]) -> dict[str, Any]:
+        me = _known(ctx, body)
+        raw = _hashes(body["hashes"])
+        peers = [
+            w
+            for w in ctx.registry.healthy_workers()
+            if w.instance_id != me.instance_id
+            and w.worker_id == me.worker_id
+            and w.model == me.model
+            and w.chunk_size == me.chunk_size
+        ]
+        counts = ctx.index.prefix_lengths(raw, [list(w.holders.values()) for w in peers]).tolist() if raw else []
+        found = sorted(
+            ((count, w) for count, w in zip(counts, peers) if count),
+            key=lambda item: (-item[0], item[1].instance_id),
+        )
+        return {
+            "peers": [
+                {"instance_id": w.instance_id, "address": w.address, "transfer": dict(w.transfer), "chunks": count}
+                for count, w in found
+            ]
+        }
+
+
+def _hashes(text: str) -> bytes:
+    if len(text) % (2 * HASH_BYTES):
+        raise CommandError(400, f"hashes: expected a multiple of {2 * HASH_BYTES} hex digits, got {len(text)}")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise CommandError(400, "hashes: not a hex string") from None
+
+
 class WorkerDeregister(Command):
     """A worker is closing: forget it and its chunks."""
 
@@ -230,4 +267,12 @@ class WorkerDeregister(Command):
         return {"deregistered": True}
 
 
-COMMANDS = (WorkerRegister, WorkerHeartbeat, WorkerAdmit, WorkerEvict, WorkerDigest, WorkerDeregister)
+COMMANDS = (
+    WorkerRegister,
+    WorkerHeartbeat,
+    WorkerAdmit,
+    WorkerEvict,
+    WorkerDigest,
+    WorkerLocate,
+    WorkerDeregister,
+)

@@ -149,6 +149,7 @@ class Agent:
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
+        self._pulls: dict[str, tuple[list[CacheKey], list[MemoryObj]]] = {}
 
     # ---------------------------------------------------------------- life cycle
 
@@ -165,6 +166,10 @@ class Agent:
         self._server.daemon_threads = True
         self.address = f"{self.options.advertise_host or host}:{self._server.server_address[1]}"
         self._open_channels()
+        for tier in self.engine.tiers:
+            attach = getattr(tier.backend, "attach", None)
+            if attach is not None:
+                attach(self)  # the peer tier pulls through this agent
         for target, name in (
             (self._server.serve_forever, "kvstacks-agent-commands"),
             (self._report_loop, "kvstacks-agent-reporter"),
@@ -186,6 +191,9 @@ class Agent:
                     f"{name!r} is not installed; installed: "
                     f"{', '.join(reg.names('transfer_channels')) or 'none'}",
                 )
+        if wanted is None:
+            names = sorted(names, key=lambda n: -reg.get("transfer_channels", n).preference)
+        for name in names:
             channel = reg.create("transfer_channels", name, self.options.transfer_options.get(name))
             try:
                 address = channel.listen(self.options.listen_host, 0, self._receive, self.token)
@@ -447,23 +455,29 @@ class Agent:
                 f"transfer channel {args['channel']!r} is not open here; open: "
                 f"{', '.join(self.channels) or 'none'}"
             )
-        tokens, tier = args["tokens"], self._tier(args)
-        objs = self.engine.export_chunks(tokens, tier)
+        ticket = args.get("pull")
+        if ticket is not None:
+            # A peer's P2P retrieve: a copy of what this engine itself holds, by chunk hashes.
+            objs = self.engine.export_keys(self._keys(args["hashes"]), args.get("tier"))
+            meta: dict[str, Any] = {"pull": str(ticket)}
+        else:
+            objs = self.engine.export_chunks(args["tokens"], self._tier(args))
+            meta = {"tier": args["dst_tier"]}
         if not objs:
             return {"num_tokens": 0, "sent_chunks": 0}
         answer = channel.send(
             args["address"],
             objs,
-            {"tier": args["dst_tier"]},
-            timeout=max(self.options.request_timeout, 60.0),
+            meta,
+            timeout=float(args.get("timeout") or max(self.options.request_timeout, 60.0)),
             token=self.token,
         )
         confirmed = answer.get("num_tokens", 0)
         if not isinstance(confirmed, int) or confirmed < 0:
             raise KVStacksError(f"peer answered an unusable token count {confirmed!r}; source kept")
         removed = 0
-        if not args.get("copy", False) and confirmed:
-            removed = self.engine.remove(list(tokens)[:confirmed], tier)
+        if ticket is None and not args.get("copy", False) and confirmed:
+            removed = self.engine.remove(list(args["tokens"])[:confirmed], args["tier"])
         return {"num_tokens": confirmed, "sent_chunks": len(objs), "removed_tokens": removed}
 
     def _receive(self, objs: list[MemoryObj], meta: dict[str, Any]) -> dict[str, Any]:
@@ -480,10 +494,102 @@ class Agent:
                     f"chunk for {key.model}/{key.kv_format} rank {key.rank} of {key.world_size} "
                     f"cannot go to {cfg.model}/{cfg.kv_format} rank {cfg.rank} of {cfg.world_size}"
                 )
+        if "pull" in meta:
+            return self._pulled(str(meta["pull"]), objs)
         tier = meta.get("tier")
         if tier is not None and not isinstance(tier, str):
             raise KVStacksError("transfer meta 'tier' must be a tier name")
         return {"num_tokens": self.engine.import_chunks(objs, tier)}
+
+    def _keys(self, text: Any) -> list[CacheKey]:
+        cfg = self.engine.config
+        if not isinstance(text, str) or len(text) % 32:
+            raise KVStacksError("hashes: expected concatenated 16-byte chunk hashes, hex")
+        raw = bytes.fromhex(text)
+        return [
+            CacheKey(cfg.model, cfg.kv_format, cfg.world_size, cfg.rank, raw[i : i + 16])
+            for i in range(0, len(raw), 16)
+        ]
+
+    # ---------------------------------------------------------------- P2P retrieve
+
+    def locate(self, keys: list[CacheKey]) -> list[dict[str, Any]]:
+        """Other instances holding a prefix of ``keys``, longest first (the controller's answer)."""
+        if not self.registered or not keys:
+            return []
+        answer = self._post("/worker/locate", {**self._ids(), "hashes": b"".join(k.chunk_hash for k in keys).hex()})
+        peers = answer.get("peers")
+        return [p for p in peers if isinstance(p, dict)] if isinstance(peers, list) else []
+
+    def pull(
+        self, keys: list[CacheKey], peers: list[dict[str, Any]], channel: str | None, timeout: float
+    ) -> list[MemoryObj]:
+        """The longest prefix of ``keys`` one of ``peers`` sends; a peer that fails or lies yields nothing."""
+        for peer in peers[:2]:
+            try:
+                objs = self._pull_from(peer, keys, channel, timeout)
+            except Exception as exc:
+                log.warning("P2P pull from %s failed, treating as a miss: %s", peer.get("instance_id"), exc)
+                continue
+            if objs:
+                return objs
+        return []
+
+    def _pull_from(
+        self, peer: dict[str, Any], keys: list[CacheKey], channel: str | None, timeout: float
+    ) -> list[MemoryObj]:
+        theirs = peer.get("transfer") if isinstance(peer.get("transfer"), dict) else {}
+        names = [channel] if channel else list(self.channel_addresses)
+        common = [n for n in names if n in self.channel_addresses and n in theirs]
+        if not common:
+            raise KVStacksError(f"no transfer channel in common (here: {', '.join(names)}; peer: {', '.join(theirs)})")
+        count = peer.get("chunks")
+        wanted = keys[: count if isinstance(count, int) and count > 0 else len(keys)]
+        ticket = uuid.uuid4().hex
+        self._pulls[ticket] = (wanted, [])
+        try:
+            self._command(
+                str(peer.get("address")),
+                "send",
+                {
+                    "pull": ticket,
+                    "hashes": b"".join(k.chunk_hash for k in wanted).hex(),
+                    "channel": common[0],
+                    "address": self.channel_addresses[common[0]],
+                    "timeout": timeout,
+                },
+                timeout,
+            )
+        finally:
+            _, got = self._pulls.pop(ticket)
+        return got
+
+    def _pulled(self, ticket: str, objs: list[MemoryObj]) -> dict[str, Any]:
+        """Chunks a peer sent for one of our pulls: keep the run that matches what was asked."""
+        waiting = self._pulls.get(ticket)
+        if waiting is None:
+            raise KVStacksError("no pull is waiting for this transfer")
+        wanted, got = waiting
+        for key, obj in zip(wanted, objs):
+            if obj.key != key or len(obj.shape) != 4 or obj.shape[0] != 2:
+                break
+            # The channel may reuse its buffer once this returns.
+            got.append(MemoryObj(obj.key, obj.data.clone(), obj.shape, obj.dtype, obj.compressor))
+        return {"num_tokens": sum(o.num_tokens for o in got)}
+
+    def _command(self, address: str, op: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run a command on another worker's agent."""
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(
+            f"http://{address}/command", json.dumps({"op": op, "args": args}).encode(), headers, method="POST"
+        )
+        try:
+            with _opener.open(request, timeout=timeout) as response:
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            raise KVStacksError(f"worker at {address} refused {op}: HTTP {exc.code} {exc.read()[:300]!r}") from None
 
 
 #: Seconds before a tier whose digest differed is checked again (and re-sent if it still differs).

@@ -24,6 +24,9 @@ class Backend:
     #: True when others can write the store too (Redis, Mooncake): the tier then
     #: asks the backend in ``lookup`` instead of trusting its own index.
     shared: ClassVar[bool] = False
+    #: True for a backend the engine only reads (the ``p2p`` peer tier): nothing is
+    #: offloaded, demoted or promoted into it.
+    read_only: ClassVar[bool] = False
     #: Chunks this backend found corrupt, dropped and reported as misses; the tier adds it
     #: to its ``corrupt`` statistic (and metric).
     corrupt_count: int = 0

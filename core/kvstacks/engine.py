@@ -231,7 +231,7 @@ class CacheEngine:
         """Victims of tier ``level``: demote them (write-back) and remove them from an in-process tier."""
         tier = self.tiers[level]
         for key, obj in evicted:
-            if obj is not None and level + 1 < len(self.tiers):
+            if obj is not None and level + 1 < len(self.tiers) and not self.tiers[level + 1].read_only:
                 self._submit(self.tiers[level + 1], self._stable(obj))
             if tier.in_process:
                 tier.drop_now(key, obj)
@@ -244,7 +244,9 @@ class CacheEngine:
         lists the key: the server may have forgotten it, and the tier checks before writing.
         """
         source = self.tiers[level]
-        targets = [t for t in self.tiers[level + 1:] if not t.has(key) or (fresh and t.shared)]
+        targets = [
+            t for t in self.tiers[level + 1:] if not t.read_only and (not t.has(key) or (fresh and t.shared))
+        ]
         done = None if leased is None else self._release_after(source, leased, len(targets))
         for target in targets:
             self._submit(target, obj, done)
@@ -299,8 +301,11 @@ class CacheEngine:
 
     # -- lookup ----------------------------------------------------------------
 
-    def _locate(self, keys: list[CacheKey]) -> list[int]:
-        """For the longest cached prefix, the index of a tier holding each chunk."""
+    def _locate(self, keys: list[CacheKey], peers: bool = True) -> list[int]:
+        """For the longest cached prefix, the index of a tier holding each chunk.
+
+        ``peers=False`` leaves out read-only tiers (the peer tier): what this engine itself holds.
+        """
         n = len(keys)
         where = [-1] * n
         for level, tier in enumerate(self.tiers):
@@ -311,7 +316,7 @@ class CacheEngine:
                 if where[j] < 0 and keys[j] in index:
                     where[j] = level
         prefix = where.index(-1) if -1 in where else n
-        shared = [level for level, t in enumerate(self.tiers) if t.shared]
+        shared = [level for level, t in enumerate(self.tiers) if t.shared and (peers or not t.read_only)]
         if prefix < n and shared:
             rest = keys[prefix:]
             answers = self.io.run(self._ask_shared(shared, rest))
@@ -516,7 +521,7 @@ class CacheEngine:
                     pass
                 except Exception as exc:
                     top.failed("promotion", exc)
-            targets = [t for t in self.tiers[1 if top.in_process else 0:level] if not t.has(obj.key)]
+            targets = [t for t in self.tiers[1 if top.in_process else 0:level] if not t.read_only and not t.has(obj.key)]
             leased = raw.get(j)
             # A decoded copy no longer needs the read buffer; raw KV does until it is written up.
             shares = leased is not None and leased.data is obj.data
@@ -655,10 +660,13 @@ class CacheEngine:
 
     def export_chunks(self, tokens: Tokens, tier: str | None = None) -> list[MemoryObj]:
         """The chunks of the cached prefix of ``tokens``, as stored (possibly compressed), copied out."""
+        return self.export_keys(self._chunks(tokens)[0], tier)
+
+    def export_keys(self, keys: list[CacheKey], tier: str | None = None) -> list[MemoryObj]:
+        """``export_chunks`` by chunk keys (a peer asks by hashes); never from a peer tier."""
         self._check_open()
-        keys, _ = self._chunks(tokens)
         if tier is None:
-            where = self._locate(keys)
+            where = self._locate(keys, peers=False)
         else:
             level = self.tiers.index(self.tier(tier))
             where = [level] * self._prefix_in(self.tiers[level], keys)

@@ -37,6 +37,7 @@ DEFAULT_PLUGINS = (
     "kvstacks.builtin.compressors",
     "kvstacks.builtin.eviction",
     "kvstacks.builtin.transfer",
+    "kvstacks.builtin.p2p",
     "kvstacks.builtin.agent",
 )
 

@@ -20,7 +20,7 @@ from kvstacks import faults, metrics
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.compression import Compressor
 from kvstacks.config import TierConfig
-from kvstacks.errors import CorruptChunk, TierFull
+from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.eviction import EvictionPolicy
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
@@ -68,6 +68,7 @@ class Tier:
         backend.capacity = config.capacity
         self.in_process = isinstance(backend, InProcessBackend)
         self.shared = backend.shared
+        self.read_only = backend.read_only
         self.index: dict[CacheKey, int] = {}
         self.used = 0
         self.pins: dict[CacheKey, float | None] = {}
@@ -331,6 +332,8 @@ class Tier:
 
         ``encode=False`` stores ``obj`` exactly as given (already compressed by the caller).
         """
+        if self.read_only:
+            raise InvalidInput(f"tier {self.name} ({self.config.backend}) is read-only")
         if self.in_process:
             evicted = self.put_now(key, obj, encode)
             for victim, leased in evicted:

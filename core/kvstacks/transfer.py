@@ -34,6 +34,8 @@ class TransferChannel:
     """Base class of transfer channels. Methods are called from plain threads."""
 
     name: ClassVar[str]
+    #: Workers advertise their channels highest first; the controller picks the first both have.
+    preference: ClassVar[int] = 0
 
     @dataclass
     class Options:
@@ -45,7 +47,9 @@ class TransferChannel:
     def listen(self, host: str, port: int, receive: Receiver, token: str | None = None) -> str:
         """Start receiving on ``host:port`` (0: any free port); return the address peers send to.
 
-        ``token``, when set, must accompany every incoming transfer.
+        ``token``, when set, must accompany every incoming transfer. The chunks handed
+        to ``receive`` may live in the channel's buffers: they are valid until it
+        returns, so ``receive`` copies what it keeps.
         """
         raise NotImplementedError
 

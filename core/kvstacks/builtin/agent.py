@@ -16,10 +16,15 @@ _agents: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 @hookimpl
 def kvstacks_startup(engine: Any) -> None:
     section = engine.config.controller
-    if not section:
-        return
     from kvstacks.agent import Agent, parse_options
     from kvstacks.errors import ConfigError
+
+    if not section:
+        peers = [t for t in engine.tiers if t.config.backend == "p2p"]
+        if peers:
+            engine.close()
+            raise ConfigError(peers[0].config.path, "backend p2p asks the controller for peers: add a controller: section")
+        return
 
     try:
         agent = Agent(engine, parse_options(section))
