@@ -16,8 +16,8 @@ sizes against caps before it allocates. It writes into registered buffers it
 keeps between transfers (fresh memory would cost more in page faults than the
 copy itself), so the chunks handed to ``receive`` are valid only until it
 returns; the engine's import copies them. A sender that dies before its
-notification is a failed transfer: the buffer it may still write into is
-dropped, never reused. Nothing here is pickled: descriptors travel as JSON.
+notification is a failed transfer: the buffer it may still write into is set
+aside, never reused. Nothing here is pickled: descriptors travel as JSON.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ class NixlChannel(TransferChannel):
         self._peers: dict[bytes, str] = {}  # metadata -> agent name, so each peer is added once
         self._notifs: set[tuple[str, bytes]] = set()
         self._free: list[tuple[torch.Tensor, Any]] = []  # registered receive buffers not in use
+        self._quarantine: list[tuple[float, tuple[torch.Tensor, Any]]] = []
         self._server: socketserver.ThreadingTCPServer | None = None
 
     # ---------------------------------------------------------------- NIXL agent
@@ -171,6 +172,18 @@ class NixlChannel(TransferChannel):
                 self._free.append(item)
                 return
         self._call("deregister_memory", item[1])
+
+    def _quarantine_buffer(self, item: tuple[torch.Tensor, Any]) -> None:
+        """A sender that failed may still write into ``item``: keep it alive, unused, until any
+        such write has long timed out (shared-memory transports write to the address itself)."""
+        log.warning("setting aside a receive buffer a failed sender may still write to")
+        now = time.monotonic()
+        with self._agent_lock:
+            self._quarantine.append((now, item))
+            expired = [i for t, i in self._quarantine if now - t > 2 * self.options.idle_timeout]
+            self._quarantine = [(t, i) for t, i in self._quarantine if now - t <= 2 * self.options.idle_timeout]
+        for _, reg in expired:
+            self._call("deregister_memory", reg)
 
     # ---------------------------------------------------------------- receiving
 
@@ -247,7 +260,7 @@ class NixlChannel(TransferChannel):
                 if reusable:
                     self._give_back(buffer)
                 else:
-                    log.warning("dropping a receive buffer a failed sender may still write to")
+                    self._quarantine_buffer(buffer)
         if answer is not None:
             try:
                 _send_msg(sock, json.dumps(answer).encode())
