@@ -91,7 +91,9 @@ def register_transfer_channels(register: Register) -> None:
     :class:`kvstacks.memory.MemoryObj` values there and returns the receiver's
     answer (what it stored), so a move removes the source only after the
     destination confirmed. Chunks travel in the :mod:`kvstacks.frame` format.
-    The builtin channel is ``tcp``.
+    The builtin channel is ``tcp``; ``kvstacks-nixl`` adds ``nixl``. A channel's
+    ``preference`` orders what workers advertise, so moves and P2P pulls use the
+    most preferred channel both sides have.
     """
 
 
