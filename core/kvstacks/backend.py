@@ -41,6 +41,24 @@ class Backend:
     def __init__(self, options: "Backend.Options | None" = None) -> None:
         self.options = options if options is not None else self.Options()
 
+    @classmethod
+    def check_options(cls, options: "Backend.Options") -> None:
+        """Refuse, with a ``ConfigError``, options that ``__init__`` or ``start()`` would refuse.
+
+        Called for every tier by ``kvstacks check`` and before the engine builds the
+        tier, so a mistake shows up in ``check``, not at serving time. It must have
+        no side effects: no connection, no file or directory created, nothing
+        allocated. Name options relative to the tier entry (``"path"``).
+        """
+
+    @classmethod
+    def claims(cls, options: "Backend.Options") -> list[str]:
+        """What this tier must have to itself (``"directory /var/cache/kv"``).
+
+        Two tiers of one stack claiming the same thing are refused at config time.
+        """
+        return []
+
     async def start(self) -> None:
         """Connect or open; called once before any other call."""
 

@@ -30,6 +30,10 @@ KNOWN_DISTRIBUTIONS = {
 TIER_KEYS = ("backend", "name", "capacity", "eviction", "eviction_options", "compressor", "compressor_options", "lossless")
 
 
+#: Longest chunk, in tokens: beyond it a value is a typo (1e11), not a tuning.
+MAX_CHUNK_SIZE = 1 << 20
+
+
 @dataclass
 class TierConfig:
     backend: str
@@ -199,10 +203,18 @@ def build_options(options_cls: type, values: Mapping[str, Any] | None, path: str
             raise ConfigError(where, "is required")
     try:
         return options_cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as exc:
+        # __post_init__ names the option itself (``ghost_ratio``); say where it sits.
+        raise under(path, exc) from None
     except (TypeError, ValueError) as exc:  # an Options.__post_init__ that refused a value
         raise ConfigError(path, str(exc)) from None
+
+
+def under(path: str, exc: ConfigError) -> ConfigError:
+    """``exc`` with ``path`` in front of its own path, unless it already names the full path."""
+    if not path or exc.path == path or exc.path.startswith((f"{path}.", f"{path}[")):
+        return exc
+    return ConfigError(f"{path}.{exc.path}" if exc.path else path, exc.message)
 
 
 def describe_options(options_cls: type) -> list[dict[str, str]]:
@@ -248,14 +260,24 @@ def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
     controller = top.pop("controller", None)
     cfg = build_options(StackConfig, top, "")
     cfg.source = source
-    if cfg.chunk_size <= 0:
-        raise ConfigError("chunk_size", f"must be a positive number of tokens, got {cfg.chunk_size}")
+    if not 0 < cfg.chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError("chunk_size", f"must be a number of tokens from 1 to {MAX_CHUNK_SIZE}, got {cfg.chunk_size}"
+                                        " (256 is the usual choice)")
+    if cfg.world_size < 1:
+        raise ConfigError("world_size", f"must be at least 1 (the number of ranks sharing a model), got {cfg.world_size}")
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise ConfigError("rank", f"must be from 0 to world_size - 1 = {cfg.world_size - 1}, got {cfg.rank}")
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise ConfigError("stack", "must be a non-empty list of tiers, top (fastest) first, e.g. [{backend: cpu, capacity: 8GiB}]")
     if controller is not None and not isinstance(controller, Mapping):
         raise ConfigError("controller", "must be a mapping with url and instance_id")
     cfg.controller = dict(controller) if controller is not None else None
+    if cfg.controller is not None:
+        from kvstacks.agent import parse_options
+
+        parse_options(cfg.controller)  # what the worker agent would refuse at engine start
     names: set[str] = set()
+    claimed: dict[str, str] = {}
     for i, raw in enumerate(tiers_raw):
         path = f"stack[{i}]"
         if not isinstance(raw, Mapping):
@@ -265,13 +287,18 @@ def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
             raise ConfigError(f"{path}.backend", f"is required; installed backends: {', '.join(reg.names('backends')) or 'none'}")
         if ("backends", backend) not in reg:
             raise ConfigError(f"{path}.backend", _install_hint("backends", backend, reg.names("backends")))
-        name = str(raw.get("name", backend))
+        name = raw.get("name", backend)
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{path}.name", f"must be a non-empty string, got {name!r}; it names the tier in "
+                                              "stats, metrics and commands")
         if name in names:
             raise ConfigError(f"{path}.name", f"tier name {name!r} is used twice; give one of them a distinct 'name'")
         names.add(name)
         capacity = raw.get("capacity")
         if capacity is not None:
             capacity = convert(capacity, Size, f"{path}.capacity")
+            if capacity <= 0:
+                raise ConfigError(f"{path}.capacity", "must be a positive size such as 8GiB, or left out for no limit")
         eviction = raw.get("eviction", "lru")
         if ("eviction_policies", eviction) not in reg:
             raise ConfigError(f"{path}.eviction", _install_hint("eviction policies", eviction, reg.names("eviction_policies")))
@@ -289,6 +316,14 @@ def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
             backend_cls = reg.get("backends", backend)
             rest = {k: v for k, v in raw.items() if k not in TIER_KEYS}
             backend_options = build_options(backend_cls.Options, rest, path)
+            backend_cls.check_options(backend_options)
+            # Policies and compressors check more in their constructors; building one has no side effects.
+            _try_build(reg.get("eviction_policies", eviction), eviction_options, "eviction_options")
+            _try_build(compressor_cls, compressor_options, "compressor_options")
+            for claim in backend_cls.claims(backend_options):
+                if claim in claimed:
+                    raise ConfigError(path, f"{claimed[claim]} already uses {claim}; give each tier its own")
+                claimed[claim] = path
         except ConfigError as exc:
             raise in_tier(path, exc) from None
         cfg.stack.append(TierConfig(backend, name, capacity, eviction, eviction_options, compressor, compressor_options,
@@ -296,11 +331,39 @@ def parse_stack(data: Any, source: str = "<dict>") -> StackConfig:
     return cfg
 
 
+def _try_build(cls: type, options: Any, where: str) -> None:
+    try:
+        cls(options)
+    except ConfigError as exc:
+        raise under(where, exc) from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(where, str(exc)) from None
+
+
 def in_tier(tier_path: str, exc: ConfigError) -> ConfigError:
     """Plugins name options relative to their tier entry (``compressor_options.level``); add the tier's path."""
-    if exc.path.startswith(tier_path):
-        return exc
-    return ConfigError(f"{tier_path}.{exc.path}" if exc.path else tier_path, exc.message)
+    return under(tier_path, exc)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key; the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
 
 
 def load_yaml(path: str | os.PathLike[str]) -> StackConfig:
@@ -309,7 +372,7 @@ def load_yaml(path: str | os.PathLike[str]) -> StackConfig:
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
     return parse_stack(data, str(path))

@@ -195,7 +195,7 @@ class LZ4Compressor(_PlaneCompressor):
 
         def __post_init__(self) -> None:
             if not 1 <= self.acceleration <= 65537:
-                raise ConfigError("compressor_options.acceleration",
+                raise ConfigError("acceleration",
                                   f"lz4 acceleration must be between 1 and 65537, got {self.acceleration}")
 
     def _code(self, data: np.ndarray) -> bytes | bytearray:
@@ -224,7 +224,7 @@ class ZstdCompressor(_PlaneCompressor):
 
         def __post_init__(self) -> None:
             if not -7 <= self.level <= 22:
-                raise ConfigError("compressor_options.level", f"zstd level must be between -7 and 22, got {self.level}")
+                raise ConfigError("level", f"zstd level must be between -7 and 22, got {self.level}")
 
     def __init__(self, options: "ZstdCompressor.Options | None" = None) -> None:
         super().__init__(options)

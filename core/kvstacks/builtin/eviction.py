@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable
 
+from kvstacks.errors import ConfigError
 from kvstacks.eviction import EvictionPolicy
 from kvstacks.hookspecs import hookimpl
 
@@ -183,14 +184,16 @@ class S3FIFO(EvictionPolicy):
         #: ghost entries remembered, as a multiple of the keys in the main queue
         ghost_ratio: float = 1.0
 
+        def __post_init__(self) -> None:
+            if not 0.0 < self.small_ratio < 1.0:
+                raise ConfigError("small_ratio", f"must be between 0 and 1 (exclusive), got {self.small_ratio}")
+            if not self.ghost_ratio >= 0:
+                raise ConfigError("ghost_ratio", f"must be 0 or more, got {self.ghost_ratio}")
+
     MAX_FREQ = 3
 
     def __init__(self, options: "S3FIFO.Options | None" = None) -> None:
         super().__init__(options)
-        if not 0.0 < self.options.small_ratio < 1.0:
-            raise ValueError(f"s3fifo small_ratio must be between 0 and 1 (exclusive), got {self.options.small_ratio}")
-        if self.options.ghost_ratio < 0:
-            raise ValueError(f"s3fifo ghost_ratio must be >= 0, got {self.options.ghost_ratio}")
         self._small: OrderedDict[Hashable, int] = OrderedDict()  # key -> size, oldest first
         self._main: OrderedDict[Hashable, int] = OrderedDict()
         self._ghost: OrderedDict[Hashable, None] = OrderedDict()

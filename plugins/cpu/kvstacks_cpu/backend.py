@@ -59,17 +59,20 @@ class CpuBackend(InProcessBackend):
         #: the memory is held until close. false: take memory on demand.
         prefault: bool = True
 
-    def __init__(self, options: CpuBackend.Options | None = None) -> None:
-        super().__init__(options)
-        pin = self.options.pin_memory
-        cuda = torch.cuda.is_available()
-        if pin is None:
-            pin = cuda
-        elif pin and not cuda:
+    @classmethod
+    def check_options(cls, options: CpuBackend.Options) -> None:
+        if options.pin_memory and not torch.cuda.is_available():
             raise ConfigError(
                 "pin_memory", "pinned host memory needs CUDA, which this torch does not see; "
                 "drop pin_memory or set it to false"
             )
+
+    def __init__(self, options: CpuBackend.Options | None = None) -> None:
+        super().__init__(options)
+        self.check_options(self.options)
+        pin = self.options.pin_memory
+        if pin is None:
+            pin = torch.cuda.is_available()
         self.pool = BufferPool(self.options.pool_limit, pin_memory=pin)
         self._slots: dict[CacheKey, _Slot] = {}
         # Removed chunks whose buffers are still leased, by id of the stored object.

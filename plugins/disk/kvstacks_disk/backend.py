@@ -78,6 +78,30 @@ class DiskBackend(Backend):
         #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes
         buffer_pool: Size = Size(512 << 20)
 
+    @classmethod
+    def check_options(cls, options: DiskBackend.Options) -> None:
+        """What ``start()`` checks, without creating anything."""
+        root = os.path.abspath(os.fspath(options.path))
+        if os.path.exists(root):
+            if not os.path.isdir(root):
+                raise ConfigError("path", f"{root} is not a directory; point path at a directory for the chunk files")
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise ConfigError("path", f"{root} is not writable; give this user write access (chown/chmod) "
+                                          "or choose another path")
+            return
+        if not options.create:
+            raise ConfigError("path", f"{root} does not exist; create it (mkdir -p {root}) or set create: true")
+        parent = os.path.dirname(root)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError("path", f"cannot create {root}: {parent} is not a writable directory; "
+                                      "create it yourself or choose a writable path")
+
+    @classmethod
+    def claims(cls, options: DiskBackend.Options) -> list[str]:
+        return [f"directory {os.path.realpath(os.fspath(options.path))}"]
+
     def __init__(self, options: DiskBackend.Options) -> None:
         super().__init__(options)
         self.root = os.fspath(self.options.path)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
-from kvstacks_redis.connect import RedisOptions, build_client, redacted
+from kvstacks_redis.connect import RedisOptions, build_client, redacted, validate
 from kvstacks_redis.wire import get_values_raw, put_frames
 
 log = logging.getLogger("kvstacks.redis")
@@ -47,6 +47,10 @@ class RedisBackend(Backend):
     name = "redis"
     shared = True
     Options = RedisOptions
+
+    @classmethod
+    def check_options(cls, options: RedisOptions) -> None:
+        validate(options)
 
     def __init__(self, options: RedisOptions | None = None) -> None:
         super().__init__(options)

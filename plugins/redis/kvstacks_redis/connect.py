@@ -104,6 +104,8 @@ def validate(o: RedisOptions) -> None:
         raise ConfigError("pipeline_bytes", "must be positive")
     for address in o.sentinels:
         _host_port(address, "sentinels")
+    _secret(o.username_env, "username_env")
+    _secret(o.password_env, "password_env")
 
 
 def redacted(url: str) -> str:
