@@ -11,11 +11,13 @@ import pytest
 import pytest_asyncio
 import torch
 
+from kvstacks import hookimpl
 from kvstacks.backend import InProcessBackend
 from kvstacks.compression import Compressor
 from kvstacks.errors import CorruptChunk
 from kvstacks.eviction import EvictionPolicy
 from kvstacks.frame import decode, encode
+from kvstacks.plugins import pm
 from kvstacks.testing import (
     BackendConformance,
     CompressorConformance,
@@ -304,8 +306,19 @@ from kvstacks.testing import EvictionPolicyConformance
 class TestNothing(EvictionPolicyConformance):
     pass
 """)
-    result = pytester.runpytest_subprocess("-q", "-rf", "-p", "no:cacheprovider", "-o", "asyncio_mode=strict")
+    pytester.makepyfile(test_plain_async_fixture="""
+import pytest
+from kvstacks.testing import BackendConformance
+from kvstacks_cpu.backend import CpuBackend
+class TestPlainAsync(BackendConformance):
+    in_process = True
+    @pytest.fixture
+    async def backend(self):
+        return CpuBackend()
+""")
+    result = pytester.runpytest_subprocess("-q", "-rfE", "-p", "no:cacheprovider", "-o", "asyncio_mode=strict")
     out = result.stdout.str()
+    assert "decorate it with @pytest_asyncio.fixture (import pytest_asyncio)" in out
     for case in BROKEN:
         assert f"FAILED test_{case}.py::" in out, f"the kit did not catch {case}:\n{out[-3000:]}"
     assert "must define a `policy` fixture" in out
@@ -362,3 +375,93 @@ def test_cost_check_catches_a_scanning_policy():
     with pytest.raises(AssertionError, match="not O\\(1\\)"):
         kit.test_cost_per_operation_does_not_grow(ScanningLFU())
     kit.test_cost_per_operation_does_not_grow(OrderedFifo())  # and passes an O(1) one
+
+
+class ListLRU(EvictionPolicy):
+    """O(n) in C only (``key in list``, ``list.pop(0)``): invisible to the step count, caught by the scaling test."""
+
+    name = "kit-list-lru"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.order: list = []
+
+    def insert(self, key, size):
+        if key not in self.order:
+            self.order.append(key)
+
+    def access(self, key):
+        if key in self.order:
+            self.order.remove(key)
+            self.order.append(key)
+
+    def remove(self, key):
+        if key in self.order:
+            self.order.remove(key)
+
+    def pop_victim(self):
+        return self.order.pop(0) if self.order else None
+
+    def __len__(self):
+        return len(self.order)
+
+    def __contains__(self, key):
+        return key in self.order
+
+
+def test_scaling_check_catches_a_linear_policy_within_seconds():
+    import time
+
+    kit = EvictionPolicyConformance()
+    started = time.perf_counter()
+    with pytest.raises((AssertionError, pytest.fail.Exception), match="not O\\(1\\)"):
+        kit.test_time_per_operation_does_not_grow_with_size(ListLRU())
+    assert time.perf_counter() - started < 20
+    kit.test_time_per_operation_does_not_grow_with_size(OrderedFifo())  # and passes an O(1) one
+
+
+class CountingFifo(OrderedFifo):
+    name = "kit-counting-fifo"
+    victims = 0
+
+    def pop_victim(self):
+        victim = super().pop_victim()
+        if victim is not None:
+            type(self).victims += 1
+        return victim
+
+
+class CountingZlib(ZlibCompressor):
+    name = "kit-counting-zlib"
+    encoded = 0
+
+    def compress(self, kv):
+        type(self).encoded += 1
+        return super().compress(kv)
+
+
+class OwnPolicyAndCompressor:
+    @hookimpl
+    def register_eviction_policies(self, register):
+        register(CountingFifo)
+
+    @hookimpl
+    def register_compressors(self, register):
+        register(CountingZlib)
+
+
+def test_tier_kit_runs_with_the_plugins_own_policy_and_compressor():
+    class TestOwn(TierConformance):
+        eviction = "kit-counting-fifo"
+        compressors = ("kit-counting-zlib",)
+
+    plugin = OwnPolicyAndCompressor()
+    pm.register(plugin, name="kit-own")
+    try:
+        kit = TestOwn()
+        kit.test_capacity_is_kept_by_evicting({"backend": "test-dict"}, "kit-own-1")
+        kit.test_compressed_chunks_round_trip({"backend": "test-dict"}, "kit-own-2")
+    finally:
+        pm.unregister(plugin)
+    assert CountingFifo.victims == 7
+    assert CountingZlib.encoded >= 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from typing import Any, Callable, Hashable
 
 import pytest
@@ -41,6 +42,57 @@ def _traced_steps(policy_factory: Callable[[], EvictionPolicy], n: int, ops: int
     return steps
 
 
+def _seconds_per_round(policy: EvictionPolicy, n: int, rounds: int, repeats: int, budget_s: float) -> float:
+    """Fill ``policy`` with ``n`` keys, then time rounds of every operation at that size; best of ``repeats``.
+
+    A round inserts two keys, accesses, removes and pops one each, so the size stays
+    ``n``. Fails as soon as the work runs past ``budget_s``: an O(n) step must not
+    make the kit hang for minutes.
+    """
+    rng = random.Random(n)
+    live: list[int] = []
+    where: dict[int, int] = {}
+
+    def forget(key: Hashable) -> None:  # O(1): swap with the last live key
+        i = where.pop(key)  # type: ignore[call-overload]
+        last = live.pop()
+        if i < len(live):
+            live[i] = last
+            where[last] = i
+
+    deadline = time.perf_counter() + budget_s
+    for key in range(n):
+        policy.insert(key, 1)
+        where[key] = len(live)
+        live.append(key)
+        if key % 1000 == 999 and time.perf_counter() > deadline:
+            pytest.fail(f"{policy.name}: inserting {key + 1} of {n} keys took over {budget_s:g} s: "
+                        "insert is not O(1) (a `key in list` or a list scan?)", pytrace=False)
+    best = float("inf")
+    next_key = n
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            for key in (next_key, next_key + 1):
+                policy.insert(key, 1)
+                where[key] = len(live)
+                live.append(key)
+            next_key += 2
+            policy.access(live[rng.randrange(len(live))])
+            gone = live[rng.randrange(len(live))]
+            policy.remove(gone)
+            forget(gone)
+            victim = policy.pop_victim()
+            if victim is not None and victim in where:
+                forget(victim)
+        now = time.perf_counter()
+        best = min(best, (now - started) / rounds)
+        if now > deadline:
+            pytest.fail(f"{policy.name}: {rounds} rounds of operations with {n} keys ran past {budget_s:g} s: "
+                        "some operation is not O(1)", pytrace=False)
+    return best
+
+
 def _drain(policy: EvictionPolicy, limit: int) -> list[Hashable]:
     popped = []
     for _ in range(limit + 1):
@@ -64,6 +116,13 @@ class EvictionPolicyConformance:
     random_ops: int = 20_000
     #: policy sizes compared by the operation-cost test
     cost_sizes: tuple[int, int] = (2_000, 20_000)
+    #: policy sizes compared by the scaling test, and the slowdown per operation it tolerates
+    #: between them. Measured here: the builtin policies 1.1-2.1x; a ``list.pop(0)`` in
+    #: pop_victim 27-36x (below ~100K keys its memmove hides in the cache, hence the sizes).
+    scaling_sizes: tuple[int, int] = (25_000, 200_000)
+    scaling_limit: float = 8.0
+    #: seconds the scaling test may take before it calls the policy not O(1) outright
+    scaling_budget_s: float = 5.0
 
     @pytest.fixture
     def policy(self) -> EvictionPolicy:
@@ -185,6 +244,25 @@ class EvictionPolicyConformance:
                 probe = rng.randrange(next_key)
                 assert (probe in kit_policy) == (probe in live), f"step {step}: `{probe} in policy` is wrong"
         assert sorted(_drain(kit_policy, len(live))) == sorted(live)
+
+    def test_time_per_operation_does_not_grow_with_size(self, kit_policy: EvictionPolicy) -> None:
+        """The same rounds of operations on an 8x larger policy must not take much longer each.
+
+        Catches what the step count cannot see: an O(n) call in C (``key in list``,
+        ``list.pop(0)``), within seconds. A ratio of two timings taken back to back,
+        best of several, so a busy machine slows both alike.
+        """
+        cls, options = type(kit_policy), kit_policy.options
+        small, large = self.scaling_sizes
+        rounds, repeats = 200, 5
+        per_small = _seconds_per_round(cls(options), small, rounds, repeats, self.scaling_budget_s)
+        per_large = _seconds_per_round(cls(options), large, rounds, repeats, self.scaling_budget_s)
+        ratio = per_large / max(per_small, 1e-9)
+        assert ratio <= self.scaling_limit, (
+            f"{kit_policy.name}: a round of insert/access/remove/pop_victim took {per_small * 1e6:.1f} us with "
+            f"{small} keys but {per_large * 1e6:.1f} us with {large} ({ratio:.0f}x): some operation is not O(1) "
+            "(look for `key in list`, `list.pop(0)`, `list.remove`, `min(...)`)"
+        )
 
     def test_large_run_finishes(self, kit_policy: EvictionPolicy) -> None:
         """``large_n`` keys through every operation: an O(n) step makes this quadratic and it times out.
