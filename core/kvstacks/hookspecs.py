@@ -69,7 +69,9 @@ def register_compressors(register: Register) -> None:
 def register_commands(register: Register) -> None:
     """Register controller commands (used by ``kvstacks-controller``).
 
-    A command class (see ``kvstacks_controller.command.Command``) declares ``name``
+    Runs wherever plugins load, also without ``kvstacks-controller`` installed: import
+    ``from kvstacks_controller import Command, CommandError`` inside the hook, not at
+    module level. A command class (a ``kvstacks_controller.Command``) declares ``name``
     (the route is ``/<name>``), ``methods`` (default ``("POST",)``), ``auth``
     (``"admin"``, the default, needs ``KVSTACKS_ADMIN_TOKEN`` when set; ``"worker"``
     needs ``KVSTACKS_WORKER_TOKEN``; ``"public"`` needs nothing; or a mapping from
