@@ -8,7 +8,8 @@ Layout, under a key prefix (``kvstacks:index:`` by default, ``?prefix=`` in the 
 
 - ``c:<16-byte chunk hash>``: a bitmap, bit ``h`` set when holder ``h`` has the chunk
   (deleted when no holder is left);
-- ``h:<holder id>``: the set of chunk hashes holder ``h`` has (to clear a holder);
+- ``h:<holder id>``: the set of chunk hashes holder ``h`` has (to clear a holder), and
+  ``x:<holder id>`` the XOR of them (with the set's size, the digest workers compare);
 - ``holders`` / ``holder_names``: holder name <-> id; ``next`` and ``free``: id allocation;
   ``live``: chunks with at least one holder;
 - ``workers``, ``beats``, ``stats``: per worker its registration (JSON), last
@@ -56,7 +57,7 @@ end
 
 _ADMIT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local hkey = p .. 'h:' .. hid
+local hkey, xkey = p .. 'h:' .. hid, p .. 'x:' .. hid
 local added, born = 0, 0
 local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
@@ -77,7 +78,7 @@ return added
 
 _EVICT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local hkey = p .. 'h:' .. hid
+local hkey, xkey = p .. 'h:' .. hid, p .. 'x:' .. hid
 local removed, died = 0, 0
 local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
@@ -239,6 +240,19 @@ class RedisChunkIndex:
 
         count, xor = self.store.call(read)
         return int(count), (xor or bytes(HASH_BYTES)).hex()
+
+    def digest(self, hid: int) -> tuple[int, str]:
+        """``(chunks, xor)`` of holder ``hid``, as :meth:`ChunkIndex.digest` gives them."""
+        p = self.store.prefix
+
+        def read() -> list[Any]:
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.scard(f"{p}h:{hid}")
+            pipe.get(f"{p}x:{hid}")
+            return pipe.execute()
+
+        count, xor = self.store.call(read)
+        return int(count), (xor or bytes(HASH_BYTES)).ljust(HASH_BYTES, b"\0").hex()
 
     def clear_holder(self, hid: int) -> int:
         return int(self.store.script("clear", hid, "keep"))
