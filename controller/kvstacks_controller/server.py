@@ -108,6 +108,13 @@ def _networks(text: str) -> tuple[str, ...]:
     help="Comma list of networks (CIDRs) workers may register addresses in, or 'any'.",
 )
 @click.option(
+    "--monitor-ports",
+    "--monitor-port",
+    "lmcache_monitor",
+    hidden=True,
+    help="LMCache's ZMQ ports; kvstacks workers use the API port.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 def controller_command(
@@ -122,9 +129,16 @@ def controller_command(
     tier_weights: tuple[str, ...],
     load_weight: float,
     worker_networks: str,
+    lmcache_monitor: str | None,
     log_level: str,
 ) -> None:
     """Run the kvstacks controller (LMCache-compatible operator API)."""
+    if lmcache_monitor is not None:
+        raise click.UsageError(
+            "--monitor-ports/--monitor-port are LMCache's ZMQ ports for workers; kvstacks workers speak HTTP to "
+            "the API port (--port), so drop the flag and point each worker's controller.url at it "
+            "(kvstacks config from-lmcache translates a worker config; see docs/migrating-from-lmcache.md)"
+        )
     weights = dict(DEFAULT_TIER_WEIGHTS)
     for item in tier_weights:
         tier, sep, value = item.partition("=")

@@ -57,6 +57,46 @@ def check(stack: str) -> None:
         click.echo(f"  controller: {cfg.controller.get('url', '(no url)')}")
 
 
+@cli.group()
+def config() -> None:
+    """Stack configuration helpers."""
+
+
+@config.command("from-lmcache")
+@click.argument("lmcache_yaml", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the stack here instead of stdout.")
+def from_lmcache(lmcache_yaml: str, output: str | None) -> None:
+    """Write the kvstacks stack equivalent to an LMCache worker config, and say what has no equivalent."""
+    from pathlib import Path
+
+    import yaml
+
+    from kvstacks.config import parse_stack
+    from kvstacks.lmcache import translate
+
+    try:
+        data = yaml.safe_load(Path(lmcache_yaml).read_text())
+        result = translate(data)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {lmcache_yaml}: {exc.strerror}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise click.ClickException(f"{lmcache_yaml} is not an LMCache config: {exc}") from None
+    header = [f"# kvstacks stack translated from {lmcache_yaml} by 'kvstacks config from-lmcache'"]
+    header += [f"# NOTE {note}" for note in result.notes]
+    text = "\n".join(header) + "\n" + yaml.safe_dump(result.stack, sort_keys=False)
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    try:
+        parse_stack(result.stack, lmcache_yaml)
+    except KVStacksError as exc:
+        click.echo(f"note: the stack does not pass 'kvstacks check' here yet: {exc}", err=True)
+
+
 _DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float32": "float32", "fp32": "float32"}
 

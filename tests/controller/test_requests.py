@@ -115,3 +115,13 @@ def test_fast_token_path_refuses_what_json_refuses():
         parse_body(f'{{"tokens": [{tokens}, 00]}}'.encode(), json.loads)
     body = parse_body(f'{{"tokens": [0, 10, {tokens}]}}'.encode(), json.loads)
     assert body["tokens"][:3] == [0, 10, 1234]
+
+
+def test_lmcache_monitor_ports_flag_says_what_to_do():
+    from click.testing import CliRunner
+    from kvstacks_controller.server import controller_command
+
+    for flag in ("--monitor-ports", "--monitor-port"):
+        result = CliRunner().invoke(controller_command, [flag, '{"pull": 8300, "reply": 8400}'])
+        assert result.exit_code == 2
+        assert "kvstacks workers speak HTTP to the API port (--port)" in result.output
