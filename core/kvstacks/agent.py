@@ -334,6 +334,7 @@ class Agent:
         """Compare a digest of each tier with the controller's index; re-send a tier that differs twice in a row."""
         with self._lock:
             # Events queued before the snapshot go out first, so both sides digest the same moment.
+            # (engine.keys() takes each tier's lock under ours: the engine never reports holding one.)
             events = self._take_locked()
             digests = [{"tier": tier, **digest(keys)} for tier, keys in self.engine.keys().items()]
         if not self.registered:

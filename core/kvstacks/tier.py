@@ -78,7 +78,8 @@ class Tier:
         # Chunks whose put is in flight: a miss reported meanwhile is not evidence they are gone.
         self.writing: Counter[CacheKey] = Counter()
         self.stats = TierStats()
-        #: Told of chunks the tier forgot on its own (gone or corrupt on read), so the engine can report them.
+        #: Told of chunks the tier forgot on its own (gone or corrupt on read), so the engine can report
+        #: them; called without the lock held (the agent takes tier locks under its own).
         self.on_lost: Callable[[list[CacheKey]], None] | None = None
         self.lock = threading.RLock()
         self._last_full_log = 0.0

@@ -172,6 +172,7 @@ class TcpChannel(TransferChannel):
 
     def _serve(self, sock: socket.socket, receive: Receiver, token: str | None) -> None:
         opts = self.options
+        complete = True  # every frame read (a refusal or a short batch leaves some unread)
         try:
             # Nothing sizeable is read before the sender proved it holds the token.
             deadline = time.monotonic() + opts.header_timeout
