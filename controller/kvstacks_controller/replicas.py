@@ -39,8 +39,8 @@ from kvstacks_controller.registry import Worker, WorkerRegistry
 
 DEFAULT_PREFIX = "kvstacks:index:"
 
-# ``x:<holder id>``: the XOR of the holder's chunk hashes (16 bytes), kept by admit and evict,
-# so a worker's digest check (``digest``) reads two keys, not the holder's whole set.
+# Keeps ``x:<holder id>`` (see the layout above) in admit and evict, so a worker's digest
+# check reads two keys, not the holder's whole set.
 _XOR = """
 local function xor_into(x, h)
   local a, b, c, d = struct.unpack('<i4i4i4i4', h)
@@ -57,7 +57,7 @@ end
 
 _ADMIT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local hkey, xkey = p .. 'h:' .. hid, p .. 'x:' .. hid
+local hkey = p .. 'h:' .. hid
 local added, born = 0, 0
 local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
@@ -78,7 +78,7 @@ return added
 
 _EVICT = _XOR + """
 local p, hid, blob = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local hkey, xkey = p .. 'h:' .. hid, p .. 'x:' .. hid
+local hkey = p .. 'h:' .. hid
 local removed, died = 0, 0
 local x = {0, 0, 0, 0}
 for i = 1, #blob, 16 do
@@ -230,16 +230,6 @@ class RedisChunkIndex:
 
     def count(self, hid: int) -> int:
         return int(self.store.call(self.store.client.scard, f"{self.store.prefix}h:{hid}"))
-
-    def digest(self, hid: int) -> tuple[int, str]:
-        def read() -> list[Any]:
-            pipe = self.store.client.pipeline(transaction=False)
-            pipe.scard(f"{self.store.prefix}h:{hid}")
-            pipe.get(f"{self.store.prefix}x:{hid}")
-            return pipe.execute()
-
-        count, xor = self.store.call(read)
-        return int(count), (xor or bytes(HASH_BYTES)).hex()
 
     def digest(self, hid: int) -> tuple[int, str]:
         """``(chunks, xor)`` of holder ``hid``, as :meth:`ChunkIndex.digest` gives them."""
