@@ -24,7 +24,7 @@ from kvstacks.config import StackConfig, in_tier, load_yaml, parse_stack
 from kvstacks.errors import ConfigError, InvalidInput, TierFull
 from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, hash_chain
 from kvstacks.loop import IOLoop
-from kvstacks.memory import KV_DTYPES, MemoryObj, check_kv
+from kvstacks.memory import KV_DTYPES, MemoryObj, check_kv, return_freed_memory
 from kvstacks.offload import Job, Offloader
 from kvstacks.plugins import pm, registry
 from kvstacks.tier import Tier
@@ -749,6 +749,7 @@ class CacheEngine:
         for tier in self.tiers:
             tier.burst.flush()  # the count of a burst still held back
         metrics.untrack(self)
+        return_freed_memory()
 
     async def _shutdown(self) -> None:
         await self.offloader.stop()

@@ -106,6 +106,7 @@ class Tier:
         """Account ``nbytes`` for ``key`` and return the victims evicted to make room.
 
         ``None`` when ``key`` is already present; raises TierFull when no room can be made.
+        Otherwise ``key`` is marked as being written (never a victim) until ``written(key)``.
         """
         with self.lock:
             if key in self.index:
@@ -120,7 +121,15 @@ class Tier:
             if key not in self.pins:
                 self.policy.insert(key, nbytes)
             self.stats.stores += 1
+            self.writing[key] += 1
             return victims
+
+    def written(self, key: CacheKey) -> None:
+        """The write that ``reserve`` (or a rewrite) marked is over, landed or not."""
+        with self.lock:
+            self.writing[key] -= 1
+            if self.writing[key] <= 0:
+                del self.writing[key]
 
     def _make_room(self, nbytes: int) -> list[tuple[CacheKey, int]]:
         victims: list[tuple[CacheKey, int]] = []
@@ -134,7 +143,9 @@ class Tier:
             size = self.index.get(victim)
             if size is None:
                 continue
-            if self.in_use[victim]:
+            if self.in_use[victim] or self.writing.get(victim):
+                # Being read, or being written: evicting a chunk whose put has not landed
+                # would remove nothing and leave the put's bytes in the backend for good.
                 skipped.append((victim, size))
                 continue
             del self.index[victim]
@@ -312,6 +323,8 @@ class Tier:
         except Exception:
             self.forget(key)  # the caller counts the failure
             raise
+        finally:
+            self.written(key)
         self.stats.bytes_written += encoded.nbytes
         if not victims:
             return _NONE
@@ -350,18 +363,15 @@ class Tier:
                 self.touch(key)
                 return []
             victims = []  # written again below; its room is already accounted
-        with self.lock:
-            self.writing[key] += 1
+            with self.lock:
+                self.writing[key] += 1
         try:
             await self.backend.put(key, encoded)
         except BaseException:
             self.forget(key)
             raise
         finally:
-            with self.lock:
-                self.writing[key] -= 1
-                if not self.writing[key]:
-                    del self.writing[key]
+            self.written(key)
         self.stats.bytes_written += encoded.nbytes
         self.write_seconds.observe(time.perf_counter() - started)
         if key not in self.index:

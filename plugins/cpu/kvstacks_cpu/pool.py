@@ -90,13 +90,16 @@ class BufferPool:
     """Free lists of :class:`PoolBuffer`, one list per size class.
 
     ``limit`` caps the idle bytes kept for reuse (``None``: keep every buffer
-    handed back). On a miss, idle buffers of *other* classes totalling the
+    handed back). ``ceiling`` (the tier's capacity) caps the idle bytes when ``limit``
+    does not: buffers leased past their eviction (by offloads, by readers) that come
+    back together never stay behind as more idle memory than the tier may hold. On a miss, idle buffers of *other* classes totalling the
     request are let go first, so the memory held tracks the peak in use even
     when chunk sizes drift. Thread-safe.
     """
 
     def __init__(self, limit: int | None = None, pin_memory: bool = False) -> None:
         self.limit = limit
+        self.ceiling: int | None = None
         self.pin_memory = pin_memory
         self._free: dict[int, list[PoolBuffer]] = {}
         self._lock = threading.Lock()
@@ -160,7 +163,8 @@ class BufferPool:
         size = buffer.size
         with self._lock:
             self._in_use -= size
-            if self.limit is not None and self._idle + size > self.limit:
+            limit = self.limit if self.limit is not None else self.ceiling
+            if limit is not None and self._idle + size > limit:
                 self._let_go(buffer)
                 return
             self._free.setdefault(size, []).append(buffer)
