@@ -57,9 +57,14 @@ def encode_parts(obj: MemoryObj) -> list[bytes | memoryview]:
     """The frame as parts to write one after another (no copy of the payload)."""
     head = header(obj)
     payload = obj.payload()
+    return [head, payload, checksum(head, payload)]
+
+
+def checksum(head: bytes, payload: bytes | memoryview) -> bytes:
+    """The frame's last field, for a frame written as parts (``header`` then the payload)."""
     check = xxhash.xxh3_64(head)
     check.update(payload)
-    return [head, payload, _CHECK.pack(check.intdigest())]
+    return _CHECK.pack(check.intdigest())
 
 
 def encode(obj: MemoryObj) -> bytes:

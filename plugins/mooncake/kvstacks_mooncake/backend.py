@@ -17,7 +17,7 @@ from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 
 from kvstacks_mooncake import client as mc
-from kvstacks_mooncake.calls import Caller, CallTimeout
+from kvstacks_mooncake.calls import Caller, CallTimeout, overlap, split
 from kvstacks_mooncake.memory import Registrations, Slot, Slots
 from kvstacks_mooncake.options import MooncakeOptions
 
@@ -29,6 +29,8 @@ MAX_HINTS = 1 << 20
 CHECK_BYTES = 8
 #: extra attempts for puts that failed in transfer (placed on a dead process's segment)
 PUT_RETRIES = 2
+#: a batch is sent (and read) in up to this many parts, checksums of one overlapping the transfer of another
+PIPELINE_PARTS = 4
 
 
 class MooncakeBackend(Backend):
@@ -185,30 +187,46 @@ class MooncakeBackend(Backend):
                                f"with code {refused[0][1]}")
 
     def _put_blocking(self, store: Any, names: list[str], objs: list[MemoryObj]) -> list[int]:
-        """Frame ends (header, checksum) go in one small slot; payloads are sent from where they are."""
+        """Frame ends (header, checksum) go in one small slot, payloads are sent from where they are;
+        the checksums of one part of the batch are computed while the part before it is sent."""
         assert self.slots is not None and self.registrations is not None
-        parts = [frame.encode_parts(obj) for obj in objs]
-        ends = sum(len(head) + CHECK_BYTES for head, _, _ in parts)
-        slot = self.slots.take(ends)
+        heads = [frame.header(obj) for obj in objs]
+        slot = self.slots.take(sum(len(h) + CHECK_BYTES for h in heads))
         held = self.registrations.acquire([obj.data for obj in objs if obj.nbytes])
+        view = slot.tensor.numpy()
+        ptrs: list[list[int]] = []
+        sizes: list[list[int]] = []
+        offset = 0
+        for head, obj in zip(heads, objs):
+            n = len(head)
+            view[offset : offset + n] = np.frombuffer(head, np.uint8)
+            item_ptrs, item_sizes = [slot.base + offset], [n]
+            if obj.nbytes:
+                item_ptrs.append(obj.data.data_ptr())
+                item_sizes.append(obj.nbytes)
+            item_ptrs.append(slot.base + offset + n)
+            item_sizes.append(CHECK_BYTES)
+            ptrs.append(item_ptrs)
+            sizes.append(item_sizes)
+            offset += n + CHECK_BYTES
+        groups = split(len(names), PIPELINE_PARTS)
+        codes = [0] * len(names)
+
+        def checksum(g: int) -> None:
+            for i in groups[g]:
+                check = frame.checksum(heads[i], objs[i].payload())
+                end = ptrs[i][-1] - slot.base
+                view[end : end + CHECK_BYTES] = np.frombuffer(check, np.uint8)
+
+        def send(g: int) -> None:
+            part = groups[g]
+            got = store.batch_put_from_multi_buffers([names[i] for i in part], [ptrs[i] for i in part],
+                                                     [sizes[i] for i in part], self._config)
+            for i, code in zip(part, got):
+                codes[i] = code
+
         try:
-            view = slot.tensor.numpy()
-            offset = 0
-            ptrs, sizes = [], []
-            for (head, _, check), obj in zip(parts, objs):
-                n = len(head)
-                view[offset : offset + n] = np.frombuffer(head, np.uint8)
-                view[offset + n : offset + n + CHECK_BYTES] = np.frombuffer(check, np.uint8)
-                item_ptrs, item_sizes = [slot.base + offset], [n]
-                if obj.nbytes:
-                    item_ptrs.append(obj.data.data_ptr())
-                    item_sizes.append(obj.nbytes)
-                item_ptrs.append(slot.base + offset + n)
-                item_sizes.append(CHECK_BYTES)
-                ptrs.append(item_ptrs)
-                sizes.append(item_sizes)
-                offset += n + CHECK_BYTES
-            codes = store.batch_put_from_multi_buffers(names, ptrs, sizes, self._config)
+            overlap(len(groups), checksum, send)
             # A segment whose process died stays listed for the master's client_ttl and puts placed
             # there fail; the master places a retried put anew.
             for _ in range(PUT_RETRIES):
@@ -258,69 +276,74 @@ class MooncakeBackend(Backend):
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        found = await self._call("get", self._get_blocking, names)
-        out: list[MemoryObj | None] = []
-        corrupt = []
-        for key, name, (slot, n) in zip(keys, names, found):
-            if slot is None:
-                out.append(None)
-                continue
-            obj = self._decode(key, name, slot, n)
-            if obj is None:
-                corrupt.append(name)
-            out.append(obj)
+        found = await self._call("get", self._get_blocking, keys, names)
+        corrupt = [name for name, (_, bad) in zip(names, found) if bad]
         if corrupt:
             try:
                 await self._call("remove", self._remove_blocking, corrupt)
             except Exception as exc:  # the miss stands either way
                 log.warning("mooncake tier: could not remove corrupt chunks: %s", exc)
-        return out
+        return [obj for obj, _ in found]
 
-    def _get_blocking(self, store: Any, names: list[str]) -> list[tuple[Slot | None, int]]:
-        """One batch_get_into into leased slots; a slot too short for its object is retried at its size."""
+    def _get_blocking(self, store: Any, keys: list[CacheKey], names: list[str]) -> list[tuple[MemoryObj | None, bool]]:
+        """batch_get_into leased slots, part by part; one part is verified while the next arrives.
+
+        Returns ``(object or None, corrupt)`` per key; a slot too short for its object is retried at its size.
+        """
         assert self.slots is not None
-        slots = [self.slots.take(self._sizes.get(name, self._guess)) for name in names]
-        try:
-            codes = store.batch_get_into(names, [s.base for s in slots], [s.size for s in slots])
-            if codes and all(c in mc.UNREACHABLE for c in codes):
+        slots: list[Slot | None] = [self.slots.take(self._sizes.get(name, self._guess)) for name in names]
+        lengths = [0] * len(names)
+        out: list[tuple[MemoryObj | None, bool]] = [(None, False)] * len(names)
+        groups = split(len(names), PIPELINE_PARTS)
+
+        def fetch(g: int) -> None:
+            part = groups[g]
+            codes = store.batch_get_into([names[i] for i in part], [slots[i].base for i in part],
+                                         [slots[i].size for i in part])
+            if g == 0 and codes and all(c in mc.UNREACHABLE for c in codes):
                 raise mc.MooncakeUnavailable(f"get returned {codes[0]}")
-            out: list[tuple[Slot | None, int]] = []
-            for i, (name, code) in enumerate(zip(names, codes)):
+            for i, code in zip(part, codes):
                 if code == mc.BUFFER_TOO_SMALL:
-                    size = store.get_size(name)
+                    size = store.get_size(names[i])
                     if size > 0:
                         self.slots.give_back(slots[i])
                         slots[i] = self.slots.take(size)
-                        code = store.get_into(name, slots[i].base, slots[i].size)
+                        code = store.get_into(names[i], slots[i].base, slots[i].size)
                 if code > 0:
-                    self._hint(name, code)
-                    out.append((slots[i], code))
+                    self._hint(names[i], code)
+                    lengths[i] = code
                     continue
                 if code not in (mc.NOT_FOUND, mc.BUFFER_TOO_SMALL):
                     # a replica on a dead process's segment (-800), or one the master just dropped: a miss
                     self.transfer_failures += 1
-                    log.warning("mooncake tier: reading %r failed with code %d; treated as a miss", name, code)
-                self._sizes.pop(name, None)
-                self.slots.give_back(slots[i])
-                out.append((None, 0))
-            return out
-        except BaseException:
-            for slot in slots:
-                self.slots.give_back(slot)
-            raise
+                    log.warning("mooncake tier: reading %r failed with code %d; treated as a miss", names[i], code)
+                self._sizes.pop(names[i], None)
 
-    def _decode(self, key: CacheKey, name: str, slot: Slot, n: int) -> MemoryObj | None:
-        assert self.slots is not None
+        def verify(g: int) -> None:
+            for i in groups[g]:
+                if lengths[i]:
+                    out[i] = self._decode(keys[i], slots[i], lengths[i])
+                    if out[i][0] is not None:
+                        slots[i] = None  # leased to the engine now
+
+        try:
+            overlap(len(groups), fetch, verify)
+        finally:
+            for slot in slots:
+                if slot is not None:
+                    self.slots.give_back(slot)
+        return out
+
+    def _decode(self, key: CacheKey, slot: Slot, n: int) -> tuple[MemoryObj | None, bool]:
         try:
             # the decoded tensor is a view of the slot: leased until release_now
             obj = frame.decode(memoryview(slot.tensor.numpy())[:n], expect_key=key)
-            slot.handed_out = True
-            return obj
         except CorruptChunk as exc:
             self.corrupt_count += 1
             log.warning("mooncake tier: removing corrupt chunk %s: %s", key, exc)
-            self.slots.give_back(slot)
-            return None
+            return None, True
+        slot.handed_out = True
+        return obj, False
 
     def release_now(self, obj: MemoryObj) -> None:
         if self.slots is not None:

@@ -97,3 +97,40 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def overlap(groups: int, first: Callable[[int], Any], second: Callable[[int], Any]) -> None:
+    """``first(g)`` then ``second(g)`` for each group in order, ``second(g)`` in a helper thread
+    while this one runs ``first(g + 1)``.
+
+    For work that releases the GIL (checksums, Mooncake transfers): a batch's checksums are
+    computed while its earlier chunks are already on their way.
+    """
+    helper: threading.Thread | None = None
+    errors: list[BaseException] = []
+
+    def run(g: int) -> None:
+        try:
+            second(g)
+        except BaseException as exc:  # raised in the calling thread below
+            errors.append(exc)
+
+    for g in range(groups):
+        first(g)
+        if helper is not None:
+            helper.join()
+            if errors:
+                raise errors[0]
+        helper = threading.Thread(target=run, args=(g,), daemon=True)
+        helper.start()
+    if helper is not None:
+        helper.join()
+        if errors:
+            raise errors[0]
+
+
+def split(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into at most ``parts`` runs of nearly equal length."""
+    parts = max(1, min(parts, n))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(parts)]

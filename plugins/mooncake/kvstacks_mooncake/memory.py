@@ -142,6 +142,7 @@ class Registrations:
         self._lock = threading.Lock()
         self.bytes = 0
         self.registered = 0  # registrations made, for stats
+        self.refused = 0  # registrations the store refused (e.g. memory the application registered itself)
 
     def acquire(self, tensors: list[torch.Tensor]) -> list[int]:
         """Make sure each tensor's memory is registered; return the regions to ``release``."""
@@ -155,9 +156,10 @@ class Registrations:
                     if known is not None:
                         self._forget(base)
                     if self._register(base, size) != 0:
-                        for b in held:
-                            self._in_use[b] -= 1
-                        raise RegistrationFailed(f"the store refused to register {size} bytes at {base:#x}")
+                        # registered already by someone else (the application), or not registrable: the
+                        # transfer says so if it needed it
+                        self.refused += 1
+                        continue
                     self._regions[base] = (size, storage)
                     self.bytes += size
                     self.registered += 1

@@ -21,7 +21,8 @@ class MooncakeOptions:
     device: str = ""
     #: the address this process advertises to the others; also MC_TCP_BIND_ADDRESS
     local_hostname: str = "127.0.0.1"
-    #: memory this process contributes to the store; chunks of any instance may land in it
+    #: memory this process lends the store; chunks of any instance may land in it. 0 lends none:
+    #: this process is then only a client of the other processes' segments
     segment_bytes: Size = Size(1 << 30)
     #: the client's own staging buffer (the zero-copy paths do not use it)
     local_buffer_bytes: Size = Size(64 << 20)
@@ -65,8 +66,8 @@ class MooncakeOptions:
             raise ConfigError("local_hostname", f"{self.local_hostname!r} must be a host name or IPv4 address, no port")
         if not self.prefix:
             raise ConfigError("prefix", "must not be empty: clear() removes every key under it")
-        if self.segment_bytes < 16 << 20:
-            raise ConfigError("segment_bytes", f"must be at least 16MiB, got {self.segment_bytes}")
+        if 0 < self.segment_bytes < 16 << 20:
+            raise ConfigError("segment_bytes", f"must be 0 (lend none) or at least 16MiB, got {self.segment_bytes}")
         for name in ("local_buffer_bytes", "read_buffer_bytes", "register_bytes"):
             if getattr(self, name) < 1 << 20:
                 raise ConfigError(name, f"must be at least 1MiB, got {getattr(self, name)}")

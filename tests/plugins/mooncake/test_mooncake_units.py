@@ -32,7 +32,7 @@ def test_yaml_options_are_read_with_sizes():
     ({"master": "127.0.0.1:99999"}, "stack[1].master", "not host:port"),
     ({"protocol": "udp"}, "stack[1].protocol", "'tcp', 'rdma'"),
     ({"metadata_server": "zk://x"}, "stack[1].metadata_server", "P2PHANDSHAKE"),
-    ({"segment_bytes": "1MiB"}, "stack[1].segment_bytes", "at least 16MiB"),
+    ({"segment_bytes": "1MiB"}, "stack[1].segment_bytes", "0 (lend none) or at least 16MiB"),
     ({"segment_bytes": "lots"}, "stack[1].segment_bytes", "cannot read 'lots' as a size"),
     ({"replica_num": 0}, "stack[1].replica_num", "at least 1"),
     ({"timeout": -1}, "stack[1].timeout", "positive number of seconds"),
@@ -127,3 +127,33 @@ def test_registrations_keep_engine_buffers_registered_within_a_budget():
     assert buffers[0].data_ptr() not in reg.regions
     regs.close()
     assert reg.regions == {}
+
+
+def test_overlap_runs_stages_in_order_and_overlaps_them():
+    from kvstacks_mooncake.calls import overlap, split
+
+    assert [list(r) for r in split(10, 4)] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [list(r) for r in split(2, 4)] == [[0], [1]]
+    events: list[str] = []
+    second_running = threading.Event()
+
+    def first(g: int) -> None:
+        if g == 1:  # the second stage of group 0 runs while this one does
+            assert second_running.wait(5)
+        events.append(f"first {g}")
+
+    def second(g: int) -> None:
+        if g == 0:
+            second_running.set()
+            time.sleep(0.05)
+        events.append(f"second {g}")
+
+    overlap(3, first, second)
+    assert events.index("first 0") < events.index("second 0") < events.index("second 1") < events.index("second 2")
+    assert events.index("first 1") < events.index("second 1")
+
+    def failing(g: int) -> None:
+        raise ValueError(f"group {g}")
+
+    with pytest.raises(ValueError, match="group 0"):
+        overlap(2, lambda g: None, failing)

@@ -1,0 +1,184 @@
+"""Mooncake tier throughput against a raw Mooncake client, same master, same run.
+
+    python benchmarks/mooncake_tier.py [--sizes 8,32] [--batch 8] [--repeats 7]
+                                       [--modes same,cross]
+
+Starts its own mooncake_master on free loopback ports (stopped by PID). For each chunk size
+(fp16 KV, contiguous, already in memory) and each mode it measures, alternating the order of
+the two every repeat:
+
+- raw: the Mooncake client's zero-copy batch calls on registered buffers, ``batch_put_from``
+  of a batch of keys, then ``batch_get_into`` of the same keys into registered buffers;
+- ours: ``MooncakeBackend.batch_put`` of the same batch (kvstacks frames: header, payload
+  and checksum; the payload sent from where it lies) and ``batch_get`` (into the tier's
+  leased read slots, checksum verified, then released).
+
+Both go through one client (the backend's) so they place and read chunks the same way.
+``same``: that client lends the only segment, so chunks move within the process.
+``cross``: it lends none (segment_bytes 0) and another process lends the segment, so every
+chunk crosses processes over TCP on loopback. Each repeat uses fresh keys (Mooncake keeps an
+existing value, so a put of a present key would cost nothing) and removes them afterwards.
+Figures are medians in GB/s of KV bytes; the ratio is ours over raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import torch  # noqa: E402
+from kvstacks.keys import CacheKey  # noqa: E402
+from kvstacks.memory import MemoryObj  # noqa: E402
+from kvstacks_mooncake import MooncakeBackend  # noqa: E402
+
+HOLDER = """
+import os, sys, time
+os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+from mooncake.store import MooncakeDistributedStore
+s = MooncakeDistributedStore()
+assert s.setup("127.0.0.1", "P2PHANDSHAKE", int(sys.argv[2]), 16 << 20, "tcp", "", sys.argv[1]) == 0
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_master(workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = Path(sys.executable).parent / "mooncake_master"
+    proc = subprocess.Popen([str(exe), "--rpc_address=127.0.0.1", f"--rpc_port={port}", "--metrics_host=127.0.0.1",
+                             f"--metrics_port={free_port()}"], stdout=open(workdir / "master.log", "wb"),
+                            stderr=subprocess.STDOUT)
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("mooncake_master did not start")
+
+
+def chunk(size_mib: int, seed: int) -> torch.Tensor:
+    tokens = size_mib * (1 << 20) // (2 * 32 * 1024 * 2)  # [2, 32 layers, tokens, 1024] fp16
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((2, 32, tokens, 1024), generator=g).to(torch.float16)
+
+
+def raw_round(store, names: list[str], src: list[torch.Tensor], dst: list[torch.Tensor]) -> tuple[float, float]:
+    sizes = [t.numel() * t.element_size() for t in src]
+    t0 = time.perf_counter()
+    codes = store.batch_put_from(names, [t.data_ptr() for t in src], sizes)
+    t1 = time.perf_counter()
+    got = store.batch_get_into(names, [t.data_ptr() for t in dst], [t.numel() for t in dst])
+    t2 = time.perf_counter()
+    assert all(c == 0 for c in codes) and list(got) == sizes, (codes, got)
+    store.batch_remove(names, True)
+    return t1 - t0, t2 - t1
+
+
+async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor]) -> tuple[float, float]:
+    keys = [CacheKey(model, "kv", 1, 0, uuid.uuid4().bytes) for _ in src]
+    items = [(k, MemoryObj.from_kv(k, t)) for k, t in zip(keys, src)]
+    t0 = time.perf_counter()
+    await backend.batch_put(items)
+    t1 = time.perf_counter()
+    objs = await backend.batch_get(keys)
+    t2 = time.perf_counter()
+    assert all(o is not None and o.data.shape == t.shape for o, t in zip(objs, src))
+    for o in objs:
+        backend.release_now(o)
+    await backend._call("remove", backend._remove_blocking, [backend._name(k) for k in keys])
+    return t1 - t0, t2 - t1
+
+
+async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: int) -> dict[str, float]:
+    holder = None
+    if mode == "cross":
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, master, str(batch * size_mib * 2 << 20)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert holder.stdout.readline().strip() == "ready"
+    segment = 0 if mode == "cross" else batch * size_mib * 2 << 20
+    backend = MooncakeBackend(MooncakeBackend.Options(
+        master=master, prefix=f"bench-{mode}:", segment_bytes=segment, local_buffer_bytes=16 << 20,
+        read_buffer_bytes=2 * batch * (size_mib + 1) << 20, timeout=60.0, keep_client=False))
+    await backend.start()
+    store = backend.store
+    try:
+        src = [chunk(size_mib, seed) for seed in range(batch)]
+        dst = [torch.zeros(t.numel() * 2 + 4096, dtype=torch.uint8) for t in src]
+        for t in dst:
+            assert store.register_buffer(t.data_ptr(), t.numel()) == 0
+        nbytes = sum(t.numel() * t.element_size() for t in src)
+        runs: dict[str, list[float]] = {"raw put": [], "raw get": [], "ours put": [], "ours get": []}
+        # the tier registers the source chunks where they lie on its first put; raw sends from the same memory
+        await our_round(backend, "warm", src)
+        raw_round(store, [f"warm-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)  # fault pages in
+        for r in range(repeats):
+            order = ["raw", "ours"] if r % 2 == 0 else ["ours", "raw"]
+            for who in order:
+                if who == "raw":
+                    put, get = raw_round(store, [f"raw-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)
+                else:
+                    put, get = await our_round(backend, f"bench-{r}", src)
+                runs[f"{who} put"].append(nbytes / put / 1e9)
+                runs[f"{who} get"].append(nbytes / get / 1e9)
+        for t in dst:
+            store.unregister_buffer(t.data_ptr())
+        return {name: statistics.median(v) for name, v in runs.items()}
+    finally:
+        backend.options.close_timeout = 10.0
+        await backend.close()
+        if holder is not None:
+            # a clean exit unmounts its segment; a killed one stays listed for the master's client_ttl
+            holder.stdin.close()
+            try:
+                holder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="8,32", help="chunk sizes in MiB")
+    ap.add_argument("--batch", type=int, default=8, help="chunks per batch call")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--modes", default="same,cross")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        master, address = start_master(Path(tmp))
+        try:
+            print(f"mooncake_master at {address}; batches of {args.batch} chunks; medians of {args.repeats}, GB/s")
+            print("| mode | chunk | op | raw Mooncake | ours | ours / raw |")
+            print("|---|---|---|---|---|---|")
+            for mode in args.modes.split(","):
+                for size in (int(s) for s in args.sizes.split(",")):
+                    m = asyncio.run(measure(address, mode, size, args.batch, args.repeats))
+                    for op in ("put", "get"):
+                        raw, ours = m[f"raw {op}"], m[f"ours {op}"]
+                        print(f"| {mode} | {size} MiB | {op} | {raw:.2f} | {ours:.2f} | {ours / raw:.0%} |", flush=True)
+        finally:
+            os.kill(master.pid, signal.SIGTERM)
+            master.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
