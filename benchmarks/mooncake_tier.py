@@ -44,6 +44,8 @@ from kvstacks.keys import CacheKey  # noqa: E402
 from kvstacks.memory import MemoryObj  # noqa: E402
 from kvstacks_mooncake import MooncakeBackend  # noqa: E402
 
+PARTS = 1  # --parts: pipeline_parts of the tier
+
 HOLDER = """
 import os, sys, time
 os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
@@ -118,7 +120,7 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
     segment = 0 if mode == "cross" else batch * size_mib * 2 << 20
     backend = MooncakeBackend(MooncakeBackend.Options(
         master=master, prefix=f"bench-{mode}:", segment_bytes=segment, local_buffer_bytes=16 << 20,
-        read_buffer_bytes=2 * batch * (size_mib + 1) << 20, timeout=60.0, keep_client=False))
+        read_buffer_bytes=2 * batch * (size_mib + 1) << 20, timeout=60.0, keep_client=False, pipeline_parts=PARTS))
     await backend.start()
     store = backend.store
     try:
@@ -162,7 +164,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="chunks per batch call")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", default="same,cross")
+    ap.add_argument("--parts", type=int, default=1, help="the tier's pipeline_parts")
     args = ap.parse_args()
+    global PARTS
+    PARTS = args.parts
     with tempfile.TemporaryDirectory() as tmp:
         master, address = start_master(Path(tmp))
         try:

@@ -29,8 +29,6 @@ MAX_HINTS = 1 << 20
 CHECK_BYTES = 8
 #: extra attempts for puts that failed in transfer (placed on a dead process's segment)
 PUT_RETRIES = 2
-#: a batch is sent (and read) in up to this many parts, checksums of one overlapping the transfer of another
-PIPELINE_PARTS = 4
 
 
 class MooncakeBackend(Backend):
@@ -209,7 +207,7 @@ class MooncakeBackend(Backend):
             ptrs.append(item_ptrs)
             sizes.append(item_sizes)
             offset += n + CHECK_BYTES
-        groups = split(len(names), PIPELINE_PARTS)
+        groups = split(len(names), self.options.pipeline_parts)
         codes = [0] * len(names)
 
         def checksum(g: int) -> None:
@@ -294,7 +292,7 @@ class MooncakeBackend(Backend):
         slots: list[Slot | None] = [self.slots.take(self._sizes.get(name, self._guess)) for name in names]
         lengths = [0] * len(names)
         out: list[tuple[MemoryObj | None, bool]] = [(None, False)] * len(names)
-        groups = split(len(names), PIPELINE_PARTS)
+        groups = split(len(names), self.options.pipeline_parts)
 
         def fetch(g: int) -> None:
             part = groups[g]

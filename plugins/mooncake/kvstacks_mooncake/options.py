@@ -43,6 +43,10 @@ class MooncakeOptions:
     timeout: float = 5.0
     #: threads making Mooncake calls (which block) at once
     threads: int = 4
+    #: a batch is sent and read in up to this many parts, the checksums of one computed while
+    #: another is in transfer. More than 1 pays one master round trip and one thread hand-off per
+    #: part: it lost on the loaded 2-core machine it was measured on (docs/tiers-mooncake.md)
+    pipeline_parts: int = 1
     #: consecutive failures that open the circuit breaker, first and longest wait before a probe
     breaker_failures: int = 3
     breaker_backoff: float = 0.5
@@ -71,7 +75,7 @@ class MooncakeOptions:
         for name in ("local_buffer_bytes", "read_buffer_bytes", "register_bytes"):
             if getattr(self, name) < 1 << 20:
                 raise ConfigError(name, f"must be at least 1MiB, got {getattr(self, name)}")
-        for name in ("replica_num", "threads", "breaker_failures"):
+        for name in ("replica_num", "threads", "pipeline_parts", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("connect_timeout", "timeout", "breaker_backoff", "breaker_backoff_max", "close_timeout"):
