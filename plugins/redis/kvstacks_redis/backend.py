@@ -61,7 +61,7 @@ class RedisBackend(Backend):
         self.client: Redis | RedisCluster | None = None
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
-        self.corrupt = 0  # chunks found corrupt or foreign, for stats
+        self.corrupt_count = 0  # chunks found corrupt or foreign: the tier's ``corrupt`` statistic
         self._buffers = ReadBuffers(o.read_buffers)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class RedisBackend(Backend):
         except CorruptChunk as exc:
             if buffer is not None:
                 self._buffers.give_back(buffer)
-            self.corrupt += 1
+            self.corrupt_count += 1
             if bytes(value[:4]) == frame.MAGIC:
                 # one of ours gone bad: drop it so nobody reads it again
                 log.warning("redis tier: removing corrupt chunk %s: %s", key, exc)
@@ -300,7 +300,7 @@ class RedisBackend(Backend):
 
     def stats(self) -> dict:
         b = self.breaker
-        return {"breaker": b.state, "breaker_opened": b.opened, "corrupt": self.corrupt}
+        return {"breaker": b.state, "breaker_opened": b.opened, "corrupt": self.corrupt_count}
 
 
 def _glob_escape(raw: bytes) -> bytes:

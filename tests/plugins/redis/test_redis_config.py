@@ -193,5 +193,5 @@ async def test_foreign_value_under_the_prefix_is_a_miss_and_is_left_alone(redis_
     await b.put(other, raw_obj(other, random_kv(seed=9)))
     redis_server.cli("COPY", f"foreign:{other.to_string()}", name, "REPLACE")
     assert await b.get(key) is None
-    assert b.corrupt == 2
+    assert b.corrupt_count == 2
     await b.close()

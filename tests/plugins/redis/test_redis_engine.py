@@ -8,8 +8,10 @@ import sys
 import textwrap
 import time
 
+import redis
 import torch
-from kvstacks import CacheEngine
+from kvstacks import CacheEngine, frame
+from kvstacks.memory import MemoryObj
 from kvstacks.testing import free_port
 
 # Engine process A: reads "store:<seed>" / "check:<seed>" lines and answers "done <line>".
@@ -145,3 +147,30 @@ def test_engine_starts_with_redis_down():
         out, n = engine.retrieve(tokens)
         assert n == 64 and torch.equal(out, kv)
         assert engine.lookup_tiers(tokens) == {"cpu": 64, "redis": 0}
+
+
+def test_a_lying_chunk_in_redis_is_a_counted_miss_and_removed(redis_server):
+    # On main: served with 300 tokens' shape (and the backend's corrupt count never reached
+    # the tier's statistic).
+    prefix = f"liar-{time.time_ns()}:"
+    with CacheEngine.from_config(stack(redis_server.url, prefix)) as engine:
+        tokens, kv = _kv(7, 48)
+        engine.store(tokens, kv)
+        assert engine.flush(30)
+        liar = engine.chunk_keys(tokens)[1]
+        shape = (2, 2, 300, 32)
+        lie = MemoryObj(liar, torch.zeros(2 * 2 * 300 * 32 * 2, dtype=torch.uint8), shape, torch.float16)
+        name = f"{prefix}{liar.to_string()}"
+        client = redis.Redis.from_url(redis_server.url)
+        client.set(name, frame.encode(lie))
+        engine.clear("cpu")
+        out, n = engine.retrieve(tokens)
+        assert n == 16 and torch.equal(out, kv[:, :, :16])
+        assert engine.stats()["redis"]["corrupt"] == 1
+        assert not client.exists(name)
+        garbage = bytearray(frame.encode(MemoryObj(liar, kv[:, :, 16:32].contiguous(), (2, 2, 16, 32), torch.float16)))
+        garbage[-9] ^= 0xFF  # a flipped payload byte: the checksum fails, the backend drops it
+        client.set(name, bytes(garbage))
+        assert engine.retrieve(tokens)[1] == 16
+        assert engine.stats()["redis"]["corrupt"] == 2, "the backend's corrupt count must reach the tier's"
+        client.close()
