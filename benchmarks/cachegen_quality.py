@@ -101,7 +101,7 @@ def score(model, ids: torch.Tensor, kv: torch.Tensor, split: int):
 
     cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
-        out = model(ids[:, split:-1], past_key_values=cache, use_cache=True,
+        out = model(ids[:, split:-1], cache=cache, use_cache=True,
                     position_ids=torch.arange(split, ids.shape[1] - 1)[None])
     logits = out.logits[0].float()
     target = ids[0, split + 1:]

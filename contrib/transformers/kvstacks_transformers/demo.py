@@ -67,8 +67,8 @@ def warm_up(model: Any) -> None:
     ids = torch.arange(100, 164).unsqueeze(0).to(device)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        out = model(input_ids=ids, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, cache=out.past_key_values, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True, logits_to_keep=1)
 
 
 def wait_for_offloads(engine: Any, timeout: float = 120.0) -> None:

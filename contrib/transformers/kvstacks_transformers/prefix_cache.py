@@ -155,7 +155,7 @@ class PrefixCachedLM:
         rest = prompt[cached:].unsqueeze(0).to(self.device)
         with torch.inference_mode():
             out = self.model(
-                input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+                input_ids=rest, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
             )
         computed = time.perf_counter()
         stored = 0
@@ -175,8 +175,9 @@ class PrefixCachedLM:
         KV was never computed) is stored, so the next turn of a conversation that repeats
         this one finds it. Returns what ``model.generate`` returns. One sequence, no beams.
         """
-        if "past_key_values" in kwargs:
-            raise InvalidInput("PrefixCachedLM.generate builds past_key_values itself; do not pass one")
+        for name in ("past_key_values", "cache"):
+            if name in kwargs:
+                raise InvalidInput(f"PrefixCachedLM.generate builds the cache ({name}) itself; do not pass one")
         for name in ("num_beams", "num_return_sequences"):
             if (kwargs.get(name) or 1) != 1:
                 raise InvalidInput(f"{name}={kwargs[name]} is not supported: prefix caching is one sequence")
@@ -185,7 +186,8 @@ class PrefixCachedLM:
         batch = prompt.unsqueeze(0).to(self.device)
         kwargs.setdefault("attention_mask", torch.ones_like(batch))
         with torch.inference_mode():
-            out = self.model.generate(batch, past_key_values=cache, **kwargs)
+            # ``cache``: transformers 5 deprecated generate's past_key_values (a FutureWarning per call).
+            out = self.model.generate(batch, cache=cache, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         # The last generated token was sampled but never fed back, so the cache is one short.
         length = min(cache.get_seq_length(), sequences.shape[1] - 1)

@@ -94,6 +94,16 @@ def test_generate_is_greedy_identical_cold_and_warm_and_stores_the_answer(tiny_m
     assert lm.last_use.cached_tokens == 48
 
 
+def test_generate_uses_the_current_transformers_api(tiny_model, make_engine):
+    import warnings
+
+    lm = PrefixCachedLM(tiny_model, make_engine())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # past_key_values= warns in transformers 5
+        lm.prefill(prompt(20))
+        lm.generate(prompt(20), max_new_tokens=2, do_sample=False)
+
+
 def test_float16_storage_halves_bytes_and_stays_close(tiny_model, make_engine):
     engine32, engine16 = make_engine(model="m32"), make_engine(model="m16")
     ids = prompt(64)

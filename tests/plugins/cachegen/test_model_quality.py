@@ -36,7 +36,7 @@ def model_and_ids(smollm2):
 def perplexity(model, ids: torch.Tensor, kv: torch.Tensor, split: int) -> tuple[float, torch.Tensor]:
     cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
-        logits = model(ids[:, split:-1], past_key_values=cache, use_cache=True,
+        logits = model(ids[:, split:-1], cache=cache, use_cache=True,
                        position_ids=torch.arange(split, ids.shape[1] - 1)[None]).logits[0]
     nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, split + 1:])
     return math.exp(nll.item()), logits.argmax(-1)
