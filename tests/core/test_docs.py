@@ -47,3 +47,16 @@ def test_plugin_guide_answers_capacity_and_event_id():
     text = (DOCS / "plugin-authors.md").read_text()
     assert "A policy is not told its tier's capacity" in text
     assert "Nothing is added to it, `event_id` included" in text
+
+
+def test_no_distribution_depends_on_aiofiles_without_importing_it():
+    """aiofiles was declared by core and disk but used only by a benchmark (the disk tier measured it slower)."""
+    import tomllib
+
+    root = DOCS.parent
+    for pyproject in [root / "core" / "pyproject.toml", *root.glob("plugins/*/pyproject.toml"),
+                      *root.glob("contrib/*/pyproject.toml"), root / "controller" / "pyproject.toml"]:
+        deps = tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", [])
+        if any(d.replace(" ", "").startswith("aiofiles") for d in deps):
+            sources = "".join(p.read_text() for p in pyproject.parent.rglob("*.py"))
+            assert "import aiofiles" in sources, f"{pyproject.parent.name} declares aiofiles but never imports it"
