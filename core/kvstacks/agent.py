@@ -371,15 +371,16 @@ class Agent:
         self.resyncs += 1
 
     def _flush(self, events: list[tuple[str, str, list[CacheKey]]]) -> None:
-        # Merge runs of the same (kind, tier), keeping order between admits and evicts.
-        merged: list[tuple[str, str, list[CacheKey]]] = []
+        # Only a chunk's last event counts (admitted then evicted is evicted), so a burst of
+        # interleaved stores and evictions costs at most two reports per tier, not one per run.
+        last: dict[str, dict[CacheKey, str]] = {}
         for kind, tier, keys in events:
-            if merged and merged[-1][0] == kind and merged[-1][1] == tier:
-                merged[-1][2].extend(keys)
-            else:
-                merged.append((kind, tier, list(keys)))
-        for kind, tier, keys in merged:
-            self._send_hashes(kind, tier, keys)
+            last.setdefault(tier, {}).update(dict.fromkeys(keys, kind))
+        for tier, final in last.items():
+            for kind in ("evict", "admit"):
+                keys = [key for key, k in final.items() if k == kind]
+                if keys:
+                    self._send_hashes(kind, tier, keys)
 
     def _send_hashes(self, kind: str, tier: str, keys: list[CacheKey], replace: bool = False) -> None:
         """Report ``keys`` in batches; with ``replace``, the first batch (sent even when empty)

@@ -129,3 +129,23 @@ def test_listening_beyond_loopback_without_a_worker_token_is_refused(monkeypatch
     monkeypatch.delenv("KVSTACKS_WORKER_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"controller\.listen_host: .*KVSTACKS_WORKER_TOKEN"):
         CacheEngine.from_config(_stack({"url": "http://127.0.0.1:1", "instance_id": "i", "listen_host": "0.0.0.0"}))
+
+
+def test_a_burst_of_interleaved_events_costs_two_reports_per_tier_with_each_chunks_last_state():
+    agent = Agent(_Engine(), AgentOptions(url="http://127.0.0.1:1", instance_id="i"), token="t")
+    sent = []
+    agent._post = lambda path, body, timeout=None: sent.append((path, body["tier"], body["hashes"]))
+    k = _keys(6)
+    agent._flush([
+        ("admit", "cpu", k[:4]),
+        ("evict", "cpu", k[:2]),
+        ("admit", "disk", k[:2]),
+        ("admit", "cpu", k[1:2]),  # evicted then admitted again: admitted
+        ("evict", "cpu", k[4:6]),  # never admitted in this burst: still reported (the index may have it)
+    ])
+    hexes = lambda keys: b"".join(key.chunk_hash for key in keys).hex()  # noqa: E731
+    assert sorted(sent) == sorted([
+        ("/worker/evict", "cpu", hexes([k[0], k[4], k[5]])),
+        ("/worker/admit", "cpu", hexes([k[1], k[2], k[3]])),
+        ("/worker/admit", "disk", hexes(k[:2])),
+    ])
