@@ -23,6 +23,7 @@ aside, never reused. Nothing here is pickled: descriptors travel as JSON.
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -188,7 +189,12 @@ class NixlChannel(TransferChannel):
     # ---------------------------------------------------------------- receiving
 
     def listen(self, host: str, port: int, receive: Receiver, token: str | None = None) -> str:
-        self.agent()  # fail here, at start, when NIXL is missing
+        # Fail at start when NIXL is missing; the agent itself (UCX start-up, ~0.5 s) waits for
+        # the first transfer, so workers that never transfer do not pay for it.
+        if importlib.util.find_spec("nixl") is None:
+            raise TransferError(
+                "NIXL is not installed; pip install nixl-cu12==1.5.1 && pip install --no-deps nixl==1.5.1"
+            )
         channel = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -209,7 +215,7 @@ class NixlChannel(TransferChannel):
         sock.settimeout(opts.idle_timeout)
         buffer = None
         reusable = True
-        refused = False
+        planned = False
         try:
             magic, version = _HEAD.unpack(_read_exact(sock, _HEAD.size))
             if magic != MAGIC or version != VERSION:
@@ -218,7 +224,6 @@ class NixlChannel(TransferChannel):
             if not isinstance(head, dict):
                 raise TransferError("transfer head must be a JSON object")
             if token and not hmac.compare_digest(str(head.get("token", "")).encode(), token.encode()):
-                refused = True
                 raise TransferError("transfer refused: missing or wrong KVSTACKS_WORKER_TOKEN")
             count, total, ticket, meta = head.get("count"), head.get("total"), head.get("ticket"), head.get("meta")
             if not isinstance(count, int) or not 0 <= count <= opts.max_chunks:
@@ -237,6 +242,7 @@ class NixlChannel(TransferChannel):
                 offset += -(-nbytes // 64) * 64
             _send_msg(sock, json.dumps({"ok": True, "agent": self.agent_name, "regions": regions}).encode())
             _send_msg(sock, self._metadata())
+            planned = True
             reusable = False  # from here on the sender may write into the buffer
             self._wait_written(sock, peer, ticket.encode(), opts.idle_timeout)
             reusable = True
@@ -264,8 +270,8 @@ class NixlChannel(TransferChannel):
         if answer is not None:
             try:
                 _send_msg(sock, json.dumps(answer).encode())
-                if refused:
-                    _drain(sock)
+                if not answer["ok"] and not planned:
+                    _drain(sock)  # let the sender read why before the connection closes
             except OSError:
                 pass
 
@@ -306,10 +312,13 @@ class NixlChannel(TransferChannel):
         registered = []
         try:
             with socket.create_connection((host, port), timeout=timeout) as sock:
-                sock.sendall(_HEAD.pack(MAGIC, VERSION))
-                _send_msg(sock, json.dumps(head).encode())
-                _send_msg(sock, json.dumps(chunks).encode())
-                _send_msg(sock, self._metadata())
+                try:
+                    sock.sendall(_HEAD.pack(MAGIC, VERSION))
+                    _send_msg(sock, json.dumps(head).encode())
+                    _send_msg(sock, json.dumps(chunks).encode())
+                    _send_msg(sock, self._metadata())
+                except OSError:
+                    pass  # a receiver that refused stops reading; its answer says why
                 plan = _json(_recv_msg(sock, (1 << 20) + 64 * len(objs), "receiver's plan"), "receiver's plan")
                 if not isinstance(plan, dict) or not plan.get("ok"):
                     reason = plan.get("error") if isinstance(plan, dict) else plan
@@ -363,6 +372,17 @@ class NixlChannel(TransferChannel):
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._agent_lock:
+            agent, self._agent = self._agent, None
+            regs = [reg for _, reg in self._free] + [reg for _, (_, reg) in self._quarantine]
+            self._free, self._quarantine = [], []
+        if agent is not None:
+            # Deregister before the agent goes: NIXL tears down its backends when it is collected.
+            for reg in regs:
+                try:
+                    agent.deregister_memory(reg)
+                except Exception as exc:
+                    log.debug("deregistering a receive buffer at close: %s", exc)
 
 
 def _chunk_list(items: Any, count: int, total: int) -> list[tuple[CacheKey, tuple[int, ...], torch.dtype, str, int]]:
