@@ -237,7 +237,7 @@ def p2p(tmp_path_factory):
             {"backend": "cpu", "capacity": "8MiB"},
             {"backend": "p2p", "timeout": 5.0},
         ]))
-        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start", timeout=60)
+        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start", timeout=120)
         for w in c.workers.values():
             w.ready()
         c.wait(lambda: c.http.get("/health").json()["healthy_workers"] == 2, "both workers registered")
