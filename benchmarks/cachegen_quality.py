@@ -146,7 +146,7 @@ def quality_table(model, docs, coders) -> None:
         for doc, split in WINDOWS:
             ids, kv = docs[doc]
             decoded = []
-            for start, chunk in chunks_of(kv, split):
+            for _start, chunk in chunks_of(kv, split):
                 out, nbytes = coder(chunk)
                 decoded.append(out)
                 raw += chunk.nbytes

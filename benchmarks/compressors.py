@@ -26,10 +26,9 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from kvstacks.builtin.compressors import LZ4Compressor, ZstdCompressor
 from kvstacks.compression import Compressor
 from kvstacks.testing import random_kv

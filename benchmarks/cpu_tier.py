@@ -73,7 +73,8 @@ def big_chunks(repeats: int) -> list[tuple[str, float, float]]:
     assert torch.equal(out, chunks[-1])
     stats = backend.pool.stats()
     print(f"  pool after run: allocations={stats.allocations} reuses={stats.reuses} reserved={stats.reserved_bytes // MiB} MiB")
-    gbps = lambda t: nchunks * nbytes / t / 1e9
+    def gbps(t):
+        return nchunks * nbytes / t / 1e9
     return [("32 MiB chunk store+retrieve", gbps(base), gbps(ours))]
 
 

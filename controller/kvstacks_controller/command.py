@@ -9,7 +9,8 @@ Starlette ``Response``; it raises :class:`CommandError` for a 4xx with a reason.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 #: Who may call a route: ``admin`` needs KVSTACKS_ADMIN_TOKEN (when set), ``worker``
 #: needs KVSTACKS_WORKER_TOKEN (when set), ``public`` needs nothing.

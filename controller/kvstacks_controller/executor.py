@@ -13,8 +13,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable
+from typing import Any
 
 import httpx
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from kvstacks.keys import chunk_bounds, hash_chain

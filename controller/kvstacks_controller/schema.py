@@ -11,7 +11,8 @@ import json
 import re
 import secrets
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 

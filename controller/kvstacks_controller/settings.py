@@ -65,7 +65,7 @@ class Settings:
             )
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "Settings":
+    def from_env(cls, **overrides: object) -> Settings:
         settings = cls(
             admin_token=os.environ.get("KVSTACKS_ADMIN_TOKEN") or None,
             worker_token=os.environ.get("KVSTACKS_WORKER_TOKEN") or None,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import AsyncIterator, ClassVar, Iterable
+from typing import ClassVar
 
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
@@ -38,11 +39,11 @@ class Backend:
     class Options:
         pass
 
-    def __init__(self, options: "Backend.Options | None" = None) -> None:
+    def __init__(self, options: Backend.Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
     @classmethod
-    def check_options(cls, options: "Backend.Options") -> None:
+    def check_options(cls, options: Backend.Options) -> None:
         """Refuse, with a ``ConfigError``, options that ``__init__`` or ``start()`` would refuse.
 
         Called for every tier by ``kvstacks check`` and before the engine builds the
@@ -52,7 +53,7 @@ class Backend:
         """
 
     @classmethod
-    def claims(cls, options: "Backend.Options") -> list[str]:
+    def claims(cls, options: Backend.Options) -> list[str]:
         """What this tier must have to itself (``"directory /var/cache/kv"``).
 
         Two tiers of one stack claiming the same thing are refused at config time.

@@ -28,7 +28,7 @@ class Compressor:
     class Options:
         pass
 
-    def __init__(self, options: "Compressor.Options | None" = None) -> None:
+    def __init__(self, options: Compressor.Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
     def compress(self, kv: torch.Tensor) -> bytes | bytearray | memoryview:

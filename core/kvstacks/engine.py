@@ -12,8 +12,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,11 +82,11 @@ class CacheEngine:
     # -- construction ----------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "CacheEngine":
+    def from_yaml(cls, path: str | Path) -> CacheEngine:
         return cls(load_yaml(path))
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | StackConfig) -> "CacheEngine":
+    def from_config(cls, config: Mapping[str, Any] | StackConfig) -> CacheEngine:
         return cls(config if isinstance(config, StackConfig) else parse_stack(config))
 
     async def _start(self) -> None:
@@ -759,7 +760,7 @@ class CacheEngine:
             except Exception as exc:
                 log.warning("tier %s did not close cleanly: %s", tier.name, exc)
 
-    def __enter__(self) -> "CacheEngine":
+    def __enter__(self) -> CacheEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:

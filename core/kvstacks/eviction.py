@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import ClassVar, Hashable
+from typing import ClassVar
 
 
 class EvictionPolicy:
@@ -23,7 +24,7 @@ class EvictionPolicy:
     class Options:
         pass
 
-    def __init__(self, options: "EvictionPolicy.Options | None" = None) -> None:
+    def __init__(self, options: EvictionPolicy.Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
     def insert(self, key: Hashable, size: int) -> None:

@@ -8,7 +8,8 @@ process, machine and the controller compute the same chain. Python's builtin
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class CacheKey(NamedTuple):
         return f"{self.model}@{self.kv_format}@{self.world_size}@{self.rank}@{self.chunk_hash.hex()}"
 
     @classmethod
-    def from_string(cls, text: str) -> "CacheKey":
+    def from_string(cls, text: str) -> CacheKey:
         try:
             model, kv_format, world_size, rank, digest = text.rsplit("@", 4)
             return cls(model, kv_format, int(world_size), int(rank), bytes.fromhex(digest))

@@ -161,8 +161,8 @@ def translate(config: Any) -> Translation:
         host = str(pull_url).rpartition(":")[0] if pull_url else "127.0.0.1"
         host = host.removeprefix("tcp://") or "127.0.0.1"
         stack["controller"] = {"url": f"http://{host}:9000", "instance_id": instance_id or "instance-1"}
-        notes.append(f"controller_pull_url: kvstacks workers speak HTTP to the controller's API port, "
-                     f"assumed 9000 (kvstacks controller --port); set controller.url if it differs")
+        notes.append("controller_pull_url: kvstacks workers speak HTTP to the controller's API port, "
+                     "assumed 9000 (kvstacks controller --port); set controller.url if it differs")
         if instance_id is None:
             notes.append("lmcache_instance_id: missing; used instance-1 (each serving instance needs its own)")
         channel = rest.pop("transfer_channel", None)

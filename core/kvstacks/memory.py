@@ -33,7 +33,7 @@ class MemoryObj:
     compressor: str = "none"
 
     @classmethod
-    def from_kv(cls, key: CacheKey, kv: torch.Tensor) -> "MemoryObj":
+    def from_kv(cls, key: CacheKey, kv: torch.Tensor) -> MemoryObj:
         return cls(key, kv, tuple(kv.shape), kv.dtype)
 
     @property
@@ -76,7 +76,7 @@ def check_kv(kv: object, num_tokens: int | None = None) -> torch.Tensor:
     return kv
 
 
-def _malloc_trim() -> "ctypes._CFuncPtr | None":
+def _malloc_trim() -> ctypes._CFuncPtr | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to ask

@@ -9,7 +9,8 @@ or any app that exposes ``REGISTRY``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -25,7 +26,7 @@ TIER_WRITE_SECONDS = Histogram("kvstacks_tier_write_seconds", "Time to write one
 TIER_READ_SECONDS = Histogram("kvstacks_tier_read_seconds", "Time to read one chunk from a tier on the I/O loop",
                               ["model", "tier"], buckets=_BUCKETS, registry=REGISTRY)
 
-_engines: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_engines: weakref.WeakSet[Any] = weakref.WeakSet()
 
 COUNTERS = {
     "hits": "Chunks served by the tier",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kvstacks.config import OffloadConfig
 from kvstacks.errors import TierFull

@@ -22,8 +22,9 @@ import importlib
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from kvstacks import faults, metrics
 from kvstacks.backend import Backend, InProcessBackend

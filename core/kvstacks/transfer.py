@@ -14,8 +14,9 @@ never unpickles anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from kvstacks.errors import KVStacksError
 from kvstacks.memory import MemoryObj

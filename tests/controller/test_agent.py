@@ -85,7 +85,6 @@ def test_a_bad_controller_section_fails_the_engine_with_its_path():
 @pytest.mark.timeout(60)  # a hang here is the failure
 def test_an_unreachable_controller_never_blocks_the_engine():
     import torch
-
     from kvstacks import CacheEngine
     from kvstacks.testing import free_port, require
 

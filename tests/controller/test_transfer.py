@@ -137,7 +137,7 @@ def _closed_by_peer(sock: socket.socket, within: float) -> bool:
     try:
         while sock.recv(65536):
             pass  # an answer, then the close
-    except socket.timeout:
+    except TimeoutError:
         return False
     except ConnectionError:
         pass

@@ -8,7 +8,6 @@ import threading
 from dataclasses import dataclass
 
 import pytest
-
 from kvstacks import hookimpl
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.memory import MemoryObj

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvstacks import CacheEngine
 from kvstacks.builtin.compressors import LZ4Compressor, NoCompressor, ZstdCompressor
 from kvstacks.config import build_options

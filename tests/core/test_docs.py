@@ -2,7 +2,6 @@ import inspect
 import pathlib
 
 import pytest
-
 from kvstacks import hookspecs
 
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-
 from kvstacks import CacheEngine, hookimpl
 from kvstacks.errors import ConfigError, InvalidInput
 from kvstacks.plugins import pm

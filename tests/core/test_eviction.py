@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvstacks.builtin.eviction import FIFO, LFU, LRU, S3FIFO
 from kvstacks.plugins import registry
 from kvstacks.testing import EvictionPolicyConformance

@@ -5,7 +5,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from kvstacks.errors import InvalidInput
 from kvstacks.keys import CacheKey, as_token_array, chunk_bounds, chunk_hashes
 

@@ -1,9 +1,8 @@
 import torch
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from kvstacks import CacheEngine
 from kvstacks.metrics import REGISTRY
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def test_tier_metrics_follow_engine_stats():

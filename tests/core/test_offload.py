@@ -7,12 +7,11 @@ import logging
 
 import pytest
 import torch
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
 from kvstacks import CacheEngine, faults
 from kvstacks.errors import ConfigError, PermanentError
 from kvstacks.metrics import REGISTRY
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 LAYERS, HIDDEN = 2, 8
 

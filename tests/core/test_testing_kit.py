@@ -10,7 +10,6 @@ from collections import OrderedDict
 import pytest
 import pytest_asyncio
 import torch
-
 from kvstacks import hookimpl
 from kvstacks.backend import InProcessBackend
 from kvstacks.compression import Compressor

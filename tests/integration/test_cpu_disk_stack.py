@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
 from kvstacks import CacheEngine
 from kvstacks.errors import ConfigError
 from kvstacks.testing import require

@@ -1,7 +1,5 @@
-import pytest
 import pytest_asyncio
 import torch
-
 from kvstacks import CacheEngine
 from kvstacks.testing import BackendConformance
 from kvstacks_sqlite.backend import SqliteBackend

@@ -28,7 +28,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-
 from vllm.logger import init_logger
 
 from kvstacks_vllm.lookup import LookupClient, LookupServer, socket_path
@@ -78,7 +77,7 @@ class _Request:
 class KVStacksConnector(KVConnectorBase_V1):
     """A vLLM v1 KV connector whose store is a kvstacks tier stack."""
 
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
         # A cache that cannot deliver is a miss: have vLLM recompute, never fail the request.
@@ -110,7 +109,7 @@ class KVStacksConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         # The last token is always computed: its logits give the next token.
         n = request.num_tokens - 1
         if n <= num_computed_tokens:
@@ -121,12 +120,12 @@ class KVStacksConnector(KVConnectorBase_V1):
         log.debug("kvstacks: request %s: %d of %d tokens held", request.request_id, held, n)
         return max(0, held - num_computed_tokens), False
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:
             end = self._held.get(request.request_id, 0)
             self._to_load[request.request_id] = (end - num_external_tokens, end)
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVStacksMetadata()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -164,7 +163,7 @@ class KVStacksConnector(KVConnectorBase_V1):
             if req.held < stored:
                 meta.saves.append(Transfer(req_id, req.tokens[:stored], list(req.block_ids), 0, stored))
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._requests.pop(request.request_id, None)
         self._held.pop(request.request_id, None)
         self._to_load.pop(request.request_id, None)
@@ -192,7 +191,7 @@ class KVStacksConnector(KVConnectorBase_V1):
             self._staging = torch.empty((2, len(paged.layers), tokens, paged.hidden), dtype=paged.dtype)
         return self._staging
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStacksMetadata)
         for load in meta.loads:

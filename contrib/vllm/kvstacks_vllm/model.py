@@ -39,7 +39,6 @@ def build_model_folder(folder: Path | str | None = None) -> Path:
         return folder
     import torch
     import transformers
-
     from kvstacks_transformers.smollm2 import GGUF_FILE, model_folder
 
     source = model_folder()

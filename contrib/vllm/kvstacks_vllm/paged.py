@@ -25,7 +25,7 @@ class LayerKV:
     v: torch.Tensor
 
     @classmethod
-    def from_cache(cls, cache: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int) -> "LayerKV":
+    def from_cache(cls, cache: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int) -> LayerKV:
         shape = tuple(cache.shape)
         if cache.dim() == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_size):
             # vLLM's CPU backend: [blocks, heads, block_size, 2 * head_size] whose memory is

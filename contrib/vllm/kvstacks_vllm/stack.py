@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kvstacks import CacheEngine
 from kvstacks.config import StackConfig, load_yaml, parse_stack

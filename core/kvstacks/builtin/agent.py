@@ -10,7 +10,7 @@ from kvstacks.hookspecs import hookimpl
 
 log = logging.getLogger("kvstacks.agent")
 
-_agents: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_agents: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 @hookimpl

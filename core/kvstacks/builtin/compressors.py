@@ -20,8 +20,8 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lz4.block
 import numpy as np
@@ -226,7 +226,7 @@ class ZstdCompressor(_PlaneCompressor):
             if not -7 <= self.level <= 22:
                 raise ConfigError("level", f"zstd level must be between -7 and 22, got {self.level}")
 
-    def __init__(self, options: "ZstdCompressor.Options | None" = None) -> None:
+    def __init__(self, options: ZstdCompressor.Options | None = None) -> None:
         super().__init__(options)
         # zstandard contexts are not thread-safe and chunks are coded from several threads.
         self._local = threading.local()

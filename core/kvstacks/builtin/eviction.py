@@ -8,8 +8,8 @@ linked list of buckets so the least frequent bucket is always the head.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 from kvstacks.errors import ConfigError
 from kvstacks.eviction import EvictionPolicy
@@ -192,7 +192,7 @@ class S3FIFO(EvictionPolicy):
 
     MAX_FREQ = 3
 
-    def __init__(self, options: "S3FIFO.Options | None" = None) -> None:
+    def __init__(self, options: S3FIFO.Options | None = None) -> None:
         super().__init__(options)
         self._small: OrderedDict[Hashable, int] = OrderedDict()  # key -> size, oldest first
         self._main: OrderedDict[Hashable, int] = OrderedDict()

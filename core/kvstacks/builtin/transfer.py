@@ -66,7 +66,7 @@ def _read_exact(sock: socket.socket, n: int, deadline: float | None = None) -> b
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout(f"{got} of {n} bytes arrived in time")
+                    raise TimeoutError(f"{got} of {n} bytes arrived in time")
                 sock.settimeout(left)
             k = sock.recv_into(view[got:], n - got)
             if not k:
@@ -195,7 +195,7 @@ class TcpChannel(TransferChannel):
             answer = {"ok": True, **answer}
         except (CorruptChunk, TransferError, ValueError) as exc:
             answer = {"ok": False, "error": str(exc)}
-        except (ConnectionError, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("incoming transfer broke off: %s", exc)
             return
         except Exception as exc:  # the receiver's engine refused; tell the sender why

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ class CompressorConformance:
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.threads) as pool:
             results = list(pool.map(round_trip, list(range(len(inputs))) * 2, timeout=300))
-        for i, payload, decoded in results:
+        for i, _payload, decoded in results:
             self.assert_decoded(kit_compressor, decoded, inputs[i])
             if kit_compressor.lossless:
                 # Deterministic output is not required, but the decode of a parallel encode must be right

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 import sys
 import time
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import pytest
 

@@ -8,7 +8,8 @@ compressed chunks, and (for persistent stores) a restart.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch

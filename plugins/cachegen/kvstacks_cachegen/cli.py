@@ -16,7 +16,7 @@ def load_kv_file(path: Path) -> list[np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise click.BadParameter(f"{path}: cannot read it as .npy/.npz without pickle ({exc})", param_hint="--kv")
+        raise click.BadParameter(f"{path}: cannot read it as .npy/.npz without pickle ({exc})", param_hint="--kv") from None
     arrays = [loaded[name] for name in loaded.files] if isinstance(loaded, np.lib.npyio.NpzFile) else [loaded]
     for a in arrays:
         if a.ndim != 4 or a.shape[0] != 2 or a.dtype.kind != "f":
@@ -127,7 +127,7 @@ def fit(kv_files, model, gguf_file, texts, out, level, bins, clip, anchor_every,
         compressor = CacheGenCompressor(CacheGenCompressor.Options(
             level=level, bins=groups, clip=clip, anchor_every=anchor_every, workers=0))
     except ConfigError as exc:
-        raise click.BadParameter(exc.message, param_hint="--" + exc.path.rsplit(".", 1)[-1].replace("_", "-"))
+        raise click.BadParameter(exc.message, param_hint="--" + exc.path.rsplit(".", 1)[-1].replace("_", "-")) from None
     samples = [a for f in kv_files for a in load_kv_file(f)]
     if model and texts:
         samples.extend(model_kv(model, gguf_file, list(texts)))

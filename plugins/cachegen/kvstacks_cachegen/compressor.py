@@ -364,7 +364,7 @@ class CacheGenCompressor(Compressor):
         out = np.empty((2, layers, tokens, hidden), dtype=work)
         one_part = len(all_parts) == 1
         blocks, streams_by_part = [], []
-        for last, index, n, mean, std, esc, part_bins in metas:
+        for last, _index, n, mean, std, _esc, part_bins in metas:
             # A single untabled part decodes straight into ``out``; others are placed after.
             block = out[:, :, n_sink:] if one_part and not (last and tabled) else \
                 np.empty((2, layers, n, hidden), dtype=work)
@@ -398,7 +398,7 @@ class CacheGenCompressor(Compressor):
             raise CorruptChunk(f"cachegen stream is corrupt: {exc}") from None
         out[:, :, :n_sink] = raw_to_float(sink_raw, code).reshape(2, layers, n_sink, hidden)
         anchors_hat = None
-        for (last, index, n, mean, std, esc, part_bins), part, block in zip(metas, streams_by_part, blocks):
+        for (last, index, _n, _mean, _std, esc, _part_bins), part, block in zip(metas, streams_by_part, blocks):
             if last and tabled:
                 positions = self._place_table_streams(part, block)
             else:

@@ -155,7 +155,7 @@ def fit_classes(row_hist: np.ndarray, row_bins: np.ndarray, classes_per_group: i
                 if members.size:
                     centers[c] = members.sum(0) / members.sum()
         used = np.unique(assign)
-        for new, c in enumerate(used):
+        for _new, c in enumerate(used):
             counts = np.ceil(centers[c] / centers[c].max() * COUNT_SCALE)
             classes.append(np.maximum(counts, 1).astype(np.uint16))
             row_class[rows[assign == c]] = len(classes) - 1

@@ -255,7 +255,7 @@ class NixlChannel(TransferChannel):
             answer = {"ok": True, **receive(objs, meta)}
         except (TransferError, InvalidInput, ValueError) as exc:
             answer = {"ok": False, "error": str(exc)}
-        except (ConnectionError, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("incoming nixl transfer broke off: %s", exc)
             answer = None
         except Exception as exc:  # the receiver's engine refused; tell the sender why
