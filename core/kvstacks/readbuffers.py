@@ -27,25 +27,33 @@ class LentObj(MemoryObj):
 
 
 class ReadBuffers:
-    """Free lists of ``bytearray`` by exact size, idle bytes capped at ``limit``; thread-safe."""
+    """Free lists of buffers by exact size, idle bytes capped at ``limit``; thread-safe.
+
+    Buffers are ``bytearray`` unless a subclass's ``make`` says otherwise (anything
+    whose ``len`` is its size in bytes, e.g. a 1-D ``uint8`` tensor).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list] = {}
         self._idle = 0
-        self._lent: dict[int, tuple[weakref.ref, bytearray]] = {}
+        self._lent: dict[int, tuple[weakref.ref, object]] = {}
         self._lock = threading.Lock()
 
-    def take(self, size: int) -> bytearray:
+    def make(self, size: int):
+        """A new buffer of ``size`` bytes."""
+        return bytearray(size)
+
+    def take(self, size: int):
         """A buffer of exactly ``size`` bytes, contents undefined."""
         with self._lock:
             free = self._free.get(size)
             if free:
                 self._idle -= size
                 return free.pop()
-        return bytearray(size)
+        return self.make(size)
 
-    def give_back(self, buffer: bytearray) -> None:
+    def give_back(self, buffer) -> None:
         size = len(buffer)
         with self._lock:
             if self._idle + size > self.limit:
@@ -59,7 +67,7 @@ class ReadBuffers:
             self._free.setdefault(size, []).append(buffer)
             self._idle += size
 
-    def lend(self, obj: MemoryObj, buffer: bytearray) -> LentObj:
+    def lend(self, obj: MemoryObj, buffer) -> LentObj:
         """``obj`` (whose tensor lives in ``buffer``) as the object to hand out."""
         lent = LentObj.of(obj)
         ident = id(lent)

@@ -26,12 +26,10 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from kvstacks.backend import Backend
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError, CorruptChunk
@@ -50,12 +48,6 @@ PROGRESS_THRESHOLD = 5000
 #: a temp file older than this is a leftover of a crashed writer, removed at start
 STALE_TEMP_SECONDS = 3600.0
 
-
-
-class ReadObj(MemoryObj):
-    """A chunk read from disk; weak-referenceable so its buffer's fate can be tracked."""
-
-    __slots__ = ("__weakref__",)
 
 
 class DiskBackend(Backend):
@@ -110,8 +102,6 @@ class DiskBackend(Backend):
         self._count_lock = threading.Lock()
         self.direct = False  # decided at start()
         self._buffers = io.AlignedBuffers(self.options.buffer_pool)
-        # Objects handed out by get(), by id: (weak reference, buffer to recycle on release).
-        self._lent: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -171,13 +161,7 @@ class DiskBackend(Backend):
         self.release_now(obj)
 
     def release_now(self, obj: MemoryObj) -> None:
-        entry = self._lent.pop(id(obj), None)
-        if entry is not None:
-            ref, buffer = entry
-            if ref() is obj:
-                self._buffers.give_back(buffer)
-            else:  # an id reused by an unrelated object: not ours to release
-                self._lent[id(obj)] = entry
+        self._buffers.release(obj)
 
     async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
         await asyncio.gather(*(self.put(key, obj) for key, obj in items))
@@ -234,17 +218,7 @@ class DiskBackend(Backend):
             self._buffers.give_back(buffer)
             self._drop_corrupt(path, st, exc)
             return None
-        obj = ReadObj(decoded.key, decoded.data, decoded.shape, decoded.dtype, decoded.compressor)
-        ident = id(obj)
-        self._lent[ident] = (weakref.ref(obj, lambda ref, ident=ident: self._forget(ident, ref)), buffer)
-        return obj
-
-    def _forget(self, ident: int, ref: weakref.ref) -> None:
-        # The object died without release(): someone may still hold its tensor, so
-        # the buffer is not reused; it is freed with the last reference.
-        entry = self._lent.get(ident)
-        if entry is not None and entry[0] is ref:
-            self._lent.pop(ident, None)
+        return self._buffers.lend(decoded, buffer)
 
     def _drop_corrupt(self, path: str, st: os.stat_result, exc: CorruptChunk) -> None:
         # Another process may have renamed a good chunk over the bad one since we

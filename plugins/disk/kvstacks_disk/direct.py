@@ -21,6 +21,7 @@ import torch
 import xxhash
 from kvstacks.frame import encode_parts, header
 from kvstacks.memory import MemoryObj
+from kvstacks.readbuffers import ReadBuffers
 
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -33,44 +34,16 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-class AlignedBuffers:
-    """Free lists of ``ALIGN``-aligned ``uint8`` tensors by size; idle bytes capped at ``limit``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._idle = 0
-        self._lock = threading.Lock()
+class AlignedBuffers(ReadBuffers):
+    """Reusable ``ALIGN``-aligned ``uint8`` tensors, sizes rounded up to whole blocks."""
 
     def take(self, nbytes: int) -> torch.Tensor:
-        size = aligned(max(nbytes, 1))
-        with self._lock:
-            free = self._free.get(size)
-            if free:
-                self._idle -= size
-                return free.pop()
+        return super().take(aligned(max(nbytes, 1)))
+
+    def make(self, size: int) -> torch.Tensor:
         raw = torch.empty(size + ALIGN, dtype=torch.uint8)
         offset = (-raw.data_ptr()) % ALIGN
         return raw[offset : offset + size]
-
-    def give_back(self, buffer: torch.Tensor) -> None:
-        size = buffer.numel()
-        with self._lock:
-            if self._idle + size > self.limit:
-                # Keep the newest sizes: drop idle buffers of other sizes first.
-                for other in list(self._free):
-                    while self._free[other] and self._idle + size > self.limit:
-                        self._free[other].pop()
-                        self._idle -= other
-                if self._idle + size > self.limit:
-                    return
-            self._free.setdefault(size, []).append(buffer)
-            self._idle += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._idle = 0
 
 
 def encode_into(obj: MemoryObj, buffer: torch.Tensor) -> int:
