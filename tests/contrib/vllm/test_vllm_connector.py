@@ -154,8 +154,12 @@ def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
     assert [c for c, _, _ in own] == [1024] * 6
     stack = run(llm, prompts)
     assert [c for c, _, _ in stack] == [1024] * 6
-    # The same KV, the same split of loaded and computed tokens: bit for bit the same logits.
-    assert [lp for _, _, lp in stack] == [lp for _, _, lp in own]
+    # The same KV, the same split of loaded and computed tokens: the same top-1, logprobs equal
+    # to within one bf16 step of a logit (0.125 for logits in [16, 32)). Most runs are bit for bit
+    # equal; under load, batch scheduling can move a logit by one step. A wrong copy moves far more.
+    assert [t for _, t, _ in stack] == [t for _, t, _ in own]
+    for (_, _, s_lp), (_, _, o_lp) in zip(stack, own):
+        assert all(abs(s_lp[t] - o_lp[t]) <= 0.13 for t in s_lp.keys() & o_lp.keys()), (s_lp, o_lp)
     # Against the cold run (every token computed in one pass) bf16 may flip a close call.
     agree = sum(c[1] == s[1] for c, s in zip(cold, stack))
     print(f"top-1 agreement cold vs warm: {agree}/6")
