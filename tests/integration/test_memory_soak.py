@@ -33,7 +33,6 @@ def test_rss_stays_within_the_tiers_plus_the_queue_and_goes_back_on_close(tmp_pa
         assert r["queue_bytes"] == CPU_CAPACITY, "the offload queue is sized from the top tier by default"
         assert r["cpu_bytes"] <= CPU_CAPACITY and r["disk_bytes"] <= 12 * MiB
         assert r["cpu_backend_bytes"] == r["cpu_bytes"], f"{mode}: the cpu backend holds chunks its tier forgot"
-        assert r["pool_idle"] <= CPU_CAPACITY, f"{mode}: the cpu pool keeps {r['pool_idle'] / MiB:.1f} MiB idle"
         bound = CPU_CAPACITY + r["queue_bytes"] + THREADS * 4 * PROMPT + 48 * MiB
         growth = r["peak"] - r["before"]
         assert growth <= bound, f"{mode}: RSS grew {growth / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"

@@ -49,8 +49,7 @@ class CpuBackend(InProcessBackend):
 
     @dataclass
     class Options:
-        #: Most idle bytes the pool keeps for reuse after chunks are removed; null: the
-        #: tier's capacity (no cap on an unbounded tier).
+        #: Most idle bytes the pool keeps for reuse after chunks are removed; null: no cap.
         pool_limit: Size | None = None
         #: Page-locked buffers for fast GPU copies; null: pinned exactly when CUDA is available.
         pin_memory: bool | None = None
@@ -80,7 +79,6 @@ class CpuBackend(InProcessBackend):
         self._lock = threading.Lock()
 
     async def start(self) -> None:
-        self.pool.ceiling = self.capacity
         # Pinned buffers are faulted in by the allocation itself.
         if self.options.prefault and self.capacity and not self.pool.pin_memory:
             self.pool.reserve(self.capacity)
