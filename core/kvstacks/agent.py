@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from kvstacks.errors import ConfigError, KVStacksError
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 from kvstacks.transfer import TransferChannel
+
+if TYPE_CHECKING:
+    from kvstacks.engine import Cleared
 
 log = logging.getLogger("kvstacks.agent")
 
@@ -447,8 +450,8 @@ class Agent:
             raise KVStacksError("this command needs one location (tier), not all of them")
         return tier
 
-    def _cleared(self, chunks: int) -> dict[str, Any]:
-        return {"num_chunks": chunks, "num_tokens": chunks * self.engine.config.chunk_size}
+    def _cleared(self, cleared: Cleared) -> dict[str, Any]:
+        return {"num_chunks": cleared.chunks, "num_tokens": cleared.tokens}
 
     def _send(self, args: dict[str, Any]) -> dict[str, Any]:
         """Ship the prefix held in ``tier`` to a peer; remove it here only once the peer confirmed."""

@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +39,13 @@ class _Validated(np.ndarray):
     """Tokens ``as_token_array`` already checked, so they are not checked twice."""
 
 
+class Cleared(NamedTuple):
+    """What ``clear`` removed: chunks (one per tier holding it) and the distinct tokens they held."""
+
+    chunks: int
+    tokens: int
+
+
 class CacheEngine:
     """A stack of tiers, top (fastest) first, configured from YAML or a dict."""
 
@@ -60,7 +67,7 @@ class CacheEngine:
                 compressor = self._registry.get("compressors", tc.compressor)(tc.compressor_options)
             except ConfigError as exc:
                 raise in_tier(tc.path, exc) from None
-            self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model))
+            self.tiers.append(Tier(tc, backend, policy, compressor, self.compressor, config.model, config.chunk_size))
         self._by_name = {t.name: t for t in self.tiers}
         for tier in self.tiers:
             tier.on_lost = lambda keys, tier=tier: self._lost(tier, keys)
@@ -574,19 +581,21 @@ class CacheEngine:
                 pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=[keys[j] for j in gone])
         return hits
 
-    def clear(self, tier: str | None = None) -> int:
-        """Empty one tier, or all; return chunks removed."""
+    def clear(self, tier: str | None = None) -> Cleared:
+        """Empty one tier, or all; return the chunks removed and the tokens they held."""
         self._check_open()
         return self.io.run(self._clear(self._tiers(tier)))
 
-    async def _clear(self, tiers: list[Tier]) -> int:
-        total = 0
+    async def _clear(self, tiers: list[Tier]) -> Cleared:
+        chunks = 0
+        tokens: dict[CacheKey, int] = {}
         for tier in tiers:
             keys = list(tier.index)
-            total += await tier.aclear()
+            tokens.update(tier.tokens_of(keys))
+            chunks += await tier.aclear()
             if keys:
                 pm.hook.chunks_evicted(engine=self, tier=tier.name, keys=keys)
-        return total
+        return Cleared(chunks, sum(tokens.values()))
 
     def _prefix_in(self, tier: Tier, keys: list[CacheKey]) -> int:
         if tier.shared:
@@ -790,7 +799,7 @@ class CacheEngine:
     async def aremove(self, tokens: Tokens, tier: str | None = None) -> int:
         return await asyncio.to_thread(self.remove, tokens, tier)
 
-    async def aclear(self, tier: str | None = None) -> int:
+    async def aclear(self, tier: str | None = None) -> Cleared:
         return await asyncio.to_thread(self.clear, tier)
 
     async def amove(self, tokens: Tokens, src: str, dst: str, copy: bool = True) -> int:

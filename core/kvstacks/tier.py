@@ -57,6 +57,7 @@ class Tier:
         compressor: Compressor,
         compressors: Callable[[str], Compressor],
         model: str = "default",
+        chunk_size: int = 256,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -70,6 +71,10 @@ class Tier:
         self.shared = backend.shared
         self.read_only = backend.read_only
         self.index: dict[CacheKey, int] = {}
+        self.chunk_size = chunk_size
+        # Tokens of the indexed chunks that hold less than a full chunk (a prompt's last one), so
+        # clear can say how many tokens went; kept sparse because almost every chunk is full.
+        self.short: dict[CacheKey, int] = {}
         self.used = 0
         self.pins: dict[CacheKey, float | None] = {}
         self._next_expiry = float("inf")  # earliest pin deadline, so expiry checks cost O(1) until one is due
@@ -102,7 +107,7 @@ class Tier:
     def has(self, key: CacheKey) -> bool:
         return key in self.index
 
-    def reserve(self, key: CacheKey, nbytes: int) -> Sequence[tuple[CacheKey, int]] | None:
+    def reserve(self, key: CacheKey, nbytes: int, tokens: int | None = None) -> Sequence[tuple[CacheKey, int]] | None:
         """Account ``nbytes`` for ``key`` and return the victims evicted to make room.
 
         ``None`` when ``key`` is already present; raises TierFull when no room can be made.
@@ -117,6 +122,8 @@ class Tier:
                     self._refuse(f"a {nbytes}-byte chunk exceeds the tier capacity of {self.capacity} bytes")
                 victims = self._make_room(nbytes)
             self.index[key] = nbytes
+            if tokens is not None and tokens < self.chunk_size:
+                self.short[key] = tokens
             self.used += nbytes
             if key not in self.pins:
                 self.policy.insert(key, nbytes)
@@ -160,6 +167,8 @@ class Tier:
                 self.used += size
                 self.policy.insert(key, size)
             self._refuse("no evictable chunk left (the rest are pinned or being read)")
+        for key, _ in victims:
+            self.short.pop(key, None)
         self.stats.evictions += len(victims)
         return victims
 
@@ -180,6 +189,7 @@ class Tier:
             self.used -= size
             self.policy.remove(key)
             self.pins.pop(key, None)
+            self.short.pop(key, None)
             return True
 
     def lose(self, key: CacheKey) -> None:
@@ -200,12 +210,18 @@ class Tier:
                 return
         self.lose(key)
 
+    def tokens_of(self, keys: Sequence[CacheKey]) -> dict[CacheKey, int]:
+        """Tokens each of ``keys`` holds (a chunk found at start, never stored by this process, counts as full)."""
+        with self.lock:
+            return {key: self.short.get(key, self.chunk_size) for key in keys}
+
     def forget_all(self) -> list[CacheKey]:
         with self.lock:
             keys = list(self.index)
             for key in keys:
                 self.policy.remove(key)
             self.index.clear()
+            self.short.clear()
             self.pins.clear()
             self.used = 0
             return keys
@@ -314,7 +330,7 @@ class Tier:
         """
         assert isinstance(self.backend, InProcessBackend)
         encoded = self.encode(obj) if encode and obj.compressor != self.compressor.name else obj
-        victims = self.reserve(key, encoded.nbytes)
+        victims = self.reserve(key, encoded.nbytes, obj.num_tokens)
         if victims is None:
             self.touch(key)
             return _NONE
@@ -355,7 +371,7 @@ class Tier:
             return [(k, 0) for k, _ in evicted]
         started = time.perf_counter()
         encoded = obj if not encode or obj.compressor == self.compressor.name else await asyncio.to_thread(self.encode, obj)
-        victims = self.reserve(key, encoded.nbytes)
+        victims = self.reserve(key, encoded.nbytes, obj.num_tokens)
         if victims is None:
             # A shared store's server may have forgotten the key (FLUSHALL, a restart, its own
             # eviction): the index is a guess there, so ask before skipping the write.

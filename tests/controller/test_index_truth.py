@@ -81,11 +81,12 @@ def test_a_move_that_fills_cpu_reports_what_it_evicted(live_controller, make_eng
     assert engine.flush(10)
     engine.clear("cpu")
     assert engine.move(a, "disk", "cpu", copy=False) == 12  # a is now only in cpu
-    live_controller.wait(lambda: layout(live_controller, engine, a) == ["cpu", 12], "a indexed in cpu")
+    live_controller.wait(lambda: layout(live_controller, engine, a) == ["cpu", 12], "a indexed in cpu", timeout=30)
     assert engine.move(b, "disk", "cpu", copy=False) == 16  # fills cpu: a's chunks evicted, held nowhere
     assert engine.lookup(a) == 0
-    live_controller.wait(lambda: layout(live_controller, engine, a) is None, "a gone from /lookup")
-    assert layout(live_controller, engine, b) == ["cpu", 16]
+    live_controller.wait(lambda: layout(live_controller, engine, a) is None, "a gone from /lookup", timeout=30)
+    # The admissions of b may come in a later report batch than the evictions of a.
+    live_controller.wait(lambda: layout(live_controller, engine, b) == ["cpu", 16], "b indexed in cpu", timeout=30)
 
 
 def test_a_promotion_is_reported_and_survives_clearing_the_lower_tier(live_controller, make_engine):
@@ -160,3 +161,19 @@ def test_a_quiet_index_costs_one_digest_per_interval_and_no_resync(live_controll
     checks, resyncs = engine.agent.digest_checks, engine.agent.resyncs
     live_controller.wait(lambda: engine.agent.digest_checks >= checks + 5, "five digest checks")
     assert engine.agent.resyncs == resyncs
+
+
+def test_clear_says_how_many_tokens_went(live_controller, make_engine):
+    # Fails before the fix: /clear answered chunks x chunk_size, so a 6-token prompt (a full
+    # chunk of 4 and a partial one of 2) said 8, and a prompt in cpu and disk counted twice.
+    engine = make_engine(cpu_chunks=4)
+    engine.store(list(range(6)), kv(6))
+    engine.flush()
+    live_controller.wait(lambda: layout(live_controller, engine, list(range(6))), "the store to be reported")
+    r = live_controller.http.post("/clear", json={"instance_id": engine.instance, "location": "cpu"})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_tokens"] == 6
+    r = live_controller.http.post("/clear", json={"instance_id": engine.instance})
+    assert r.status_code == 200, r.text
+    assert r.json()["num_tokens"] == 6  # only disk was left: each chunk once
+    assert engine.lookup(list(range(6))) == 0

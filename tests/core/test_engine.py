@@ -267,7 +267,7 @@ def test_async_twins():
             assert await e.alookup(list(range(20))) == 20
             out, n = await e.aretrieve(list(range(20)))
             assert n == 20 and torch.equal(out, kv_for(20))
-            assert await e.aclear() == 2
+            assert await e.aclear() == (2, 20)
 
     asyncio.run(main())
 
