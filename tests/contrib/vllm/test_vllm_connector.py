@@ -144,6 +144,19 @@ def top_logprobs(out) -> dict[int, float]:
     return {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
 
 
+def assert_same_answers(got, expected) -> None:
+    """The same top-1 token, logprobs equal to within one bf16 step of a logit (0.125 in [16, 32)).
+
+    Most runs are bit for bit equal; under load, vLLM's batch scheduling splits a prefill
+    differently (seen at load average 12-16: a recomputation after failed loads moved two of
+    three prompts' logprobs by up to 0.105), and bf16 rounds the other way. A wrong copy of KV
+    moves them far more.
+    """
+    assert [t for _, t, _ in got] == [t for _, t, _ in expected]
+    for (_, _, g_lp), (_, _, e_lp) in zip(got, expected):
+        assert all(abs(g_lp[t] - e_lp[t]) <= 0.13 for t in g_lp.keys() & e_lp.keys()), (g_lp, e_lp)
+
+
 def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
     tokenizer = llm.get_tokenizer()
     # 1,025 tokens: vLLM's cache (blocks of 128) and the stack (chunks of 256) both hold 1,024.
@@ -154,12 +167,8 @@ def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
     assert [c for c, _, _ in own] == [1024] * 6
     stack = run(llm, prompts)
     assert [c for c, _, _ in stack] == [1024] * 6
-    # The same KV, the same split of loaded and computed tokens: the same top-1, logprobs equal
-    # to within one bf16 step of a logit (0.125 for logits in [16, 32)). Most runs are bit for bit
-    # equal; under load, batch scheduling can move a logit by one step. A wrong copy moves far more.
-    assert [t for _, t, _ in stack] == [t for _, t, _ in own]
-    for (_, _, s_lp), (_, _, o_lp) in zip(stack, own):
-        assert all(abs(s_lp[t] - o_lp[t]) <= 0.13 for t in s_lp.keys() & o_lp.keys()), (s_lp, o_lp)
+    # The same KV, the same split of loaded and computed tokens.
+    assert_same_answers(stack, own)
     # Against the cold run (every token computed in one pass) bf16 may flip a close call.
     agree = sum(c[1] == s[1] for c, s in zip(cold, stack))
     print(f"top-1 agreement cold vs warm: {agree}/6")
@@ -210,8 +219,8 @@ def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir):
             damaged += 1
     assert damaged
     again = run(llm, prompts)
-    # Recomputed from scratch: the cold run's tokens and logits exactly.
-    assert [(t, lp) for _, t, lp in again] == [(t, lp) for _, t, lp in cold]
+    # Recomputed from scratch: the cold run's answers.
+    assert_same_answers(again, cold)
 
 
 def test_openai_server_in_a_new_process_reads_warm_from_disk(llm, vllm_model, disk_dir, tmp_path):
