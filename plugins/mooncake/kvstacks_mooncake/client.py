@@ -9,6 +9,7 @@ from typing import Any
 
 from kvstacks.breaker import CircuitBreaker, StoreUnavailable
 
+from kvstacks_mooncake import process_exit
 from kvstacks_mooncake.options import MooncakeOptions
 
 # Mooncake's return codes (mooncake-store/include/types.h) that this tier acts on
@@ -67,12 +68,13 @@ def connect(o: MooncakeOptions) -> Any:
                      o.protocol, o.device, o.master)
     if rc != 0:
         raise MooncakeUnavailable(f"Mooncake client setup failed (code {rc}) against master {o.master}")
+    process_exit.track(store, o.master_address)
     return store
 
 
 # Clients a closed tier left for the next one with the same settings. Mooncake's close()
 # holds the GIL for about 2 s (it joins its own threads), which would freeze every thread
-# of the process; a kept client is torn down by Mooncake's own exit handler instead.
+# of the process; kept clients are torn down at exit instead (process_exit).
 _idle: dict[tuple, list[Any]] = {}
 _idle_lock = threading.Lock()
 
@@ -86,15 +88,28 @@ def take_client(o: MooncakeOptions) -> Any:
     """An idle client set up with ``o``'s settings, or a new one (blocking)."""
     with _idle_lock:
         idle = _idle.get(_setup_key(o))
-        if idle:
-            return idle.pop()
-    return connect(o)
+        store = idle.pop() if idle else None
+    if store is None:
+        return connect(o)
+    # a master that went away fails this tier at once, as it does a new client's (connect)
+    if not process_exit.master_answers(o.master_address, o.connect_timeout):
+        keep_client(o, store)
+        raise MooncakeUnavailable(f"no Mooncake master at {o.master}")
+    return store
 
 
 def keep_client(o: MooncakeOptions, store: Any) -> None:
     """Keep ``store`` for the next tier with the same settings (the caller unregistered its memory)."""
     with _idle_lock:
         _idle.setdefault(_setup_key(o), []).append(store)
+
+
+def take_all_idle() -> list[Any]:
+    """Every idle client, no longer kept (for the exit handler)."""
+    with _idle_lock:
+        stores = [store for idle in _idle.values() for store in idle]
+        _idle.clear()
+    return stores
 
 
 def replicate_config(o: MooncakeOptions) -> Any:
