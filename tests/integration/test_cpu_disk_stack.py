@@ -154,3 +154,31 @@ def test_offload_wait_mode_applies_back_pressure_and_loses_nothing(tmp_path):
         engine.offloader.drain(30)
         assert engine.stats()["disk"]["objects"] == 20
         assert engine.stats()["disk"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("mode", ["through", "back"])
+def test_what_reaches_disk_is_what_was_stored_while_cpu_buffers_are_recycled(tmp_path, mode):
+    # The offload queue holds leases on (write-through) or copies of (write-back) chunks the
+    # cpu tier already evicted; their buffers are recycled, with idle buffers capped at the
+    # tier's capacity, as the next stores come in. The caller reuses one staging tensor for
+    # every store, as the vLLM connector does. Nothing may reach disk but the bytes stored.
+    cfg = stack(tmp_path, write_mode=mode, offload={"when_full": "wait"})  # every chunk reaches disk
+    chunk_bytes = 2 * LAYERS * 64 * HIDDEN * 2
+    cfg["stack"][0]["capacity"] = 3 * chunk_bytes
+    staging = torch.empty(2, LAYERS, 128, HIDDEN, dtype=torch.float16)
+    with CacheEngine.from_config(cfg) as engine:
+        backend = engine.tier("cpu").backend
+        for p in range(40):
+            staging.copy_(kv_for(128, seed=1000 + p))
+            engine.store([p] * 128, staging)
+            assert backend.pool.stats().free_bytes <= 3 * chunk_bytes, "idle buffers outgrew the tier's capacity"
+        for filler in range(2):  # push the last prompts out of cpu too (write-back demotes on eviction only)
+            engine.store([900 + filler] * 128, kv_for(128, seed=filler))
+        assert engine.flush(30)
+        assert engine.stats()["cpu"]["evictions"] > 0 and engine.stats()["disk"]["dropped"] == 0
+        engine.clear(tier="cpu")
+        for p in range(40):
+            out, n = engine.retrieve([p] * 128, out=staging)
+            expected = kv_for(128, seed=1000 + p)
+            assert n == 128 and torch.equal(out.view(torch.uint8), expected.view(torch.uint8)), f"prompt {p}"
+            engine.clear(tier="cpu")  # every prompt read from disk, not from its promoted copy

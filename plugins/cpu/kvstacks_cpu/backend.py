@@ -49,7 +49,8 @@ class CpuBackend(InProcessBackend):
 
     @dataclass
     class Options:
-        #: Most idle bytes the pool keeps for reuse after chunks are removed; null: no cap.
+        #: Most idle bytes the pool keeps for reuse after chunks are removed; null: the
+        #: tier's capacity (no cap on an unbounded tier).
         pool_limit: Size | None = None
         #: Page-locked buffers for fast GPU copies; null: pinned exactly when CUDA is available.
         pin_memory: bool | None = None
@@ -79,6 +80,9 @@ class CpuBackend(InProcessBackend):
         self._lock = threading.Lock()
 
     async def start(self) -> None:
+        # Idle buffers never outgrow what the tier may hold: buffers leased past their
+        # eviction (by offloads, by readers) that come back together are let go, not kept.
+        self.pool.ceiling = self.capacity
         # Pinned buffers are faulted in by the allocation itself.
         if self.options.prefault and self.capacity and not self.pool.pin_memory:
             self.pool.reserve(self.capacity)

@@ -92,8 +92,8 @@ class BufferPool:
     ``limit`` caps the idle bytes kept for reuse (``None``: keep every buffer
     handed back). ``ceiling`` (the tier's capacity) caps the idle bytes when ``limit``
     does not: buffers leased past their eviction (by offloads, by readers) that come
-    back together never stay behind as more idle memory than the tier may hold. On a miss, idle buffers of *other* classes totalling the
-    request are let go first, so the memory held tracks the peak in use even
+    back together never stay behind as more idle memory than the tier may hold. On a
+    miss, idle buffers of *other* classes totalling the request are let go first, so the memory held tracks the peak in use even
     when chunk sizes drift. Thread-safe.
     """
 

@@ -8,7 +8,7 @@ from kvstacks.config import build_options
 from kvstacks.errors import ConfigError
 from kvstacks.memory import MemoryObj
 from kvstacks.plugins import registry
-from kvstacks.testing import BackendConformance, random_key, random_kv, raw_obj
+from kvstacks.testing import BackendConformance, bits, random_key, random_kv, raw_obj
 from kvstacks_cpu import CpuBackend
 
 
@@ -176,3 +176,49 @@ def test_a_kv_that_requires_grad_is_stored_detached(backend: CpuBackend) -> None
     backend.put_now(key, raw_obj(key, kv))
     got = backend.get_now(key)
     assert not got.data.requires_grad and torch.equal(got.data, kv.detach())
+
+
+async def test_with_idle_buffers_capped_a_leased_chunk_keeps_its_bytes_through_churn() -> None:
+    # The cap (the tier's capacity) sends buffers past it back to the arena, where any size
+    # class may carve them again: none of that may reach a buffer someone still reads.
+    chunk = random_kv(seed=30).numel() * 2
+    backend = CpuBackend()
+    backend.capacity = 4 * chunk
+    await backend.start()
+    assert backend.pool.ceiling == 4 * chunk and backend.pool.stats().arena_bytes >= 4 * chunk
+    kept_key = random_key()
+    kept = random_kv(seed=31)
+    backend.put_now(kept_key, raw_obj(kept_key, kept))
+    leased = backend.get_now(kept_key)
+    start = leased.data.data_ptr()
+    end = start + chunk
+    backend.remove_now(kept_key)  # evicted while read
+    live: list = []
+    for i in range(200):
+        tokens = (8, 16, 24, 5)[i % 4]  # several size classes, so ranges are merged and re-carved
+        key = random_key()
+        backend.put_now(key, raw_obj(key, random_kv(tokens=tokens, seed=100 + i)))
+        got = backend.get_now(key)
+        p = got.data.data_ptr()
+        assert p + got.nbytes <= start or p >= end, "a buffer still leased was handed to another chunk"
+        backend.release_now(got)
+        live.append(key)
+        if len(live) > 3:
+            backend.remove_now(live.pop(0))
+        assert backend.pool.stats().free_bytes <= 4 * chunk, "idle buffers outgrew the tier's capacity"
+    assert bits(leased.data) == bits(kept), "a leased chunk changed under its reader"
+    backend.release_now(leased)
+    assert backend.pool.stats().free_bytes <= 4 * chunk
+    await backend.close()
+
+
+async def test_pool_limit_overrides_the_capacity_as_the_idle_cap() -> None:
+    backend = CpuBackend(CpuBackend.Options(pool_limit=1 << 20))
+    backend.capacity = 8 << 20
+    await backend.start()
+    pool = backend.pool
+    buffers = [pool.take(1 << 19) for _ in range(6)]
+    for buffer in buffers:
+        pool.give_back(buffer)
+    assert pool.stats().free_bytes == 1 << 20
+    await backend.close()
