@@ -65,12 +65,13 @@ def soak(root: str, mode: str, seconds: float, threads: int = 8) -> dict:
     stats = engine.stats()
     pool = engine.tier("cpu").backend.pool_stats()
     held = sum(size for _, size in engine.tier("cpu").backend.keys_now())
+    disk_idle = engine.tier("disk").backend.idle_buffer_bytes
     engine.close()
     after_close = rss()
     return {"mode": mode, "before": before, "peak": peak[0], "after_close": after_close,
             "cpu_bytes": stats["cpu"]["bytes"], "disk_bytes": stats["disk"]["bytes"],
             "queue_bytes": engine.offloader.queue_bytes, "errors": errors[:3],
-            "pool_idle": pool.free_bytes, "pool": str(pool),
+            "pool_idle": pool.free_bytes, "pool": str(pool), "disk_idle": disk_idle,
             "cpu_backend_bytes": held}
 
 

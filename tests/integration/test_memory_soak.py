@@ -7,7 +7,8 @@ close(). The bound asserted: the cpu tier's capacity, plus the offload queue's b
 it), plus what eight threads have in hand (a prompt's KV out, its copies in flight and its read
 buffers: four 1 MiB prompts each), plus 48 MiB of allocator slack. It also checks that the
 cpu backend holds exactly what its tier accounts (a chunk evicted while its put was in flight
-used to stay in the backend for good) and that the pool keeps at most the capacity idle.
+used to stay in the backend for good), that the cpu pool keeps at most the cpu tier's capacity
+idle and the disk tier's idle read/write buffers at most the disk tier's capacity.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 MiB = 1 << 20
-CPU_CAPACITY = 3 * MiB
+CPU_CAPACITY, DISK_CAPACITY = 3 * MiB, 12 * MiB
 THREADS, PROMPT = 8, 1 * MiB
 
 
@@ -31,8 +32,10 @@ def test_rss_stays_within_the_tiers_plus_the_queue_and_goes_back_on_close(tmp_pa
         mode = r["mode"]
         assert not r["errors"], (mode, r["errors"])
         assert r["queue_bytes"] == CPU_CAPACITY, "the offload queue is sized from the top tier by default"
-        assert r["cpu_bytes"] <= CPU_CAPACITY and r["disk_bytes"] <= 12 * MiB
+        assert r["cpu_bytes"] <= CPU_CAPACITY and r["disk_bytes"] <= DISK_CAPACITY
         assert r["cpu_backend_bytes"] == r["cpu_bytes"], f"{mode}: the cpu backend holds chunks its tier forgot"
+        assert r["pool_idle"] <= CPU_CAPACITY, f"{mode}: the cpu pool keeps {r['pool_idle'] / MiB:.1f} MiB idle"
+        assert r["disk_idle"] <= DISK_CAPACITY, f"{mode}: the disk tier keeps {r['disk_idle'] / MiB:.1f} MiB of idle buffers"
         bound = CPU_CAPACITY + r["queue_bytes"] + THREADS * 4 * PROMPT + 48 * MiB
         growth = r["peak"] - r["before"]
         assert growth <= bound, f"{mode}: RSS grew {growth / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"

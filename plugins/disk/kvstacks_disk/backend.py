@@ -47,6 +47,9 @@ log = logging.getLogger("kvstacks.disk")
 PROGRESS_THRESHOLD = 5000
 #: a temp file older than this is a leftover of a crashed writer, removed at start
 STALE_TEMP_SECONDS = 3600.0
+#: idle buffer bytes kept by default (and at most the tier's capacity): room for the
+#: concurrent reads of one long prefix (8 chunks of 32 MiB need 256 MiB and 32 KiB)
+DEFAULT_BUFFER_POOL = 512 << 20
 
 
 
@@ -67,8 +70,9 @@ class DiskBackend(Backend):
         shared: bool = False
         #: bypass the page cache (O_DIRECT); null: whenever the filesystem supports it
         o_direct: bool | None = None
-        #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes
-        buffer_pool: Size = Size(512 << 20)
+        #: idle aligned buffers kept for reuse by reads (after ``release``) and direct writes;
+        #: null: the tier's capacity, at most ``DEFAULT_BUFFER_POOL``
+        buffer_pool: Size | None = None
 
     @classmethod
     def check_options(cls, options: DiskBackend.Options) -> None:
@@ -101,11 +105,13 @@ class DiskBackend(Backend):
         self.corrupt_count = 0
         self._count_lock = threading.Lock()
         self.direct = False  # decided at start()
-        self._buffers = io.AlignedBuffers(self.options.buffer_pool)
+        # Sized at start(), when the tier has told us its capacity.
+        self._buffers = io.AlignedBuffers(0)
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
+        self._buffers.limit = self.buffer_pool_limit()
         await asyncio.to_thread(self._check_root)
         wanted = self.options.o_direct
         supported = await asyncio.to_thread(io.supports_direct, self.root)
@@ -115,7 +121,20 @@ class DiskBackend(Backend):
         self.direct = supported if wanted is None else wanted
 
     async def close(self) -> None:
+        self._buffers.limit = 0  # buffers released after close are let go, not kept
         self._buffers.clear()
+
+    def buffer_pool_limit(self) -> int:
+        """Most idle bytes the read and write buffers may keep: never more than the tier can hold."""
+        if self.options.buffer_pool is not None:
+            return int(self.options.buffer_pool)
+        capacity = self.capacity
+        return DEFAULT_BUFFER_POOL if capacity is None else min(int(capacity), DEFAULT_BUFFER_POOL)
+
+    @property
+    def idle_buffer_bytes(self) -> int:
+        """Bytes of aligned buffers kept idle for the next read or direct write."""
+        return self._buffers.idle_bytes
 
     def _check_root(self) -> None:
         root = self.root

@@ -262,6 +262,28 @@ async def test_released_read_buffers_are_reused_and_unreleased_ones_are_not(disk
     await disk.release(raw_obj(a, kv_a))  # not from this backend: ignored
 
 
+async def test_idle_buffers_are_bounded_by_the_tier_capacity_and_let_go_on_close(tmp_path: Path) -> None:
+    kv = random_kv(tokens=64, seed=22)  # 32 KiB chunks
+    backend = DiskBackend(DiskBackend.Options(path=tmp_path / "chunks"))
+    backend.capacity = 64 << 10  # a tier that holds two chunks keeps no more than that idle
+    await backend.start()
+    keys = [random_key() for _ in range(6)]
+    for key in keys:
+        await backend.put(key, raw_obj(key, kv))
+    got = await backend.batch_get(keys)  # six buffers in use at once
+    for obj in got:
+        await backend.release(obj)
+    assert 0 < backend.idle_buffer_bytes <= 64 << 10
+    await backend.close()
+    assert backend.idle_buffer_bytes == 0
+
+    unbounded = DiskBackend(DiskBackend.Options(path=tmp_path / "chunks"))
+    assert unbounded.buffer_pool_limit() == disk_module.DEFAULT_BUFFER_POOL
+    set_by_user = DiskBackend(DiskBackend.Options(path=tmp_path / "chunks", buffer_pool=1 << 30))
+    set_by_user.capacity = 64 << 10
+    assert set_by_user.buffer_pool_limit() == 1 << 30, "an explicit buffer_pool wins over the capacity"
+
+
 async def test_o_direct_choice(tmp_path: Path) -> None:
     auto = DiskBackend(DiskBackend.Options(path=tmp_path))
     await auto.start()
