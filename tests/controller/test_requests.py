@@ -113,8 +113,11 @@ def test_fast_token_path_refuses_what_json_refuses():
         parse_body(f'{{"tokens": [007, {tokens}]}}'.encode(), json.loads)
     with pytest.raises(ValueError):
         parse_body(f'{{"tokens": [{tokens}, 00]}}'.encode(), json.loads)
-    body = parse_body(f'{{"tokens": [0, 10, {tokens}]}}'.encode(), json.loads)
-    assert body["tokens"][:3] == [0, 10, 1234]
+    with pytest.raises(ValueError):
+        parse_body(f'{{"tokens": [{tokens}, 10, 0100, 7]}}'.encode(), json.loads)
+    body = parse_body(f'{{"tokens": [0, 10, {tokens}, 100, 2147483647]}}'.encode(), json.loads)
+    assert body["tokens"][:3] == [0, 10, 1234] and body["tokens"][-2:] == [100, 2147483647]
+    assert body["tokens"].parsed is not None  # the fast path took it
 
 
 def test_lmcache_monitor_ports_flag_says_what_to_do():
