@@ -144,6 +144,17 @@ def raw_initiator(port: int):
     return write
 
 
+def read_json_line(proc: subprocess.Popen) -> dict:
+    """The child's next JSON line; NIXL and UCX may print their own lines to stdout first."""
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{proc.args} exited (code {proc.poll()}) before answering")
+        if line.startswith("{"):
+            return json.loads(line)
+        print("  (child said)", line.rstrip())
+
+
 def bench_channels(rounds: int) -> None:
     from kvstacks.builtin.transfer import TcpChannel
     from kvstacks.keys import CacheKey
@@ -153,7 +164,7 @@ def bench_channels(rounds: int) -> None:
     proc = subprocess.Popen([sys.executable, __file__, "--role", "peer"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        info = json.loads(proc.stdout.readline())
+        info = read_json_line(proc)
         write = raw_initiator(info["raw"])
         token = os.environ["KVSTACKS_WORKER_TOKEN"]
         nixl, tcp = NixlChannel(), TcpChannel()
@@ -240,7 +251,7 @@ def bench_p2p(rounds: int, chunks: int) -> None:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     engines = {}
     try:
-        assert json.loads(worker.stdout.readline())["stored"]
+        assert read_json_line(worker)["stored"]
         engines["disk"] = CacheEngine.from_config({
             "model": "bench", "chunk_size": CHUNK_TOKENS,
             "stack": [{"backend": "disk", "path": tmp, "capacity": "4GiB"}]})
