@@ -14,12 +14,15 @@ medians over rounds, ratios are taken within a round.
    ``redis-server`` against LMCache's native RESP client (``resp://``:
    ``batch_set_sync`` / ``batch_get_sync`` into preallocated buffers) and raw
    redis-py pipelines of SET / GET.
+3. disk: cold reads (page cache dropped) of the same chunks: ``retrieve(out=)`` on a
+   disk-only stack against LMCache's ``LocalDiskBackend.batched_get_blocking`` (into
+   its pre-faulted cpu pool) and ``dd iflag=direct``.
 
 LMCache runs in a subprocess of its own venv (``--lmcache-python``, default
 /work/lmcache-venv/bin/python; LMCACHE_TRACK_USAGE=false); without it only
 kvstacks and the baselines run.
 
-    python benchmarks/vs_lmcache.py [--rounds 5] [--chunks 8] [--only cpu|redis]
+    python benchmarks/vs_lmcache.py [--rounds 5] [--chunks 8] [--only cpu|redis|disk] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -102,6 +105,49 @@ LMCACHE_WORKER = textwrap.dedent(
         get = time.perf_counter() - t
         assert all(torch.equal(a, b) for a, b in zip(src, dst)), "LMCache read back other bytes"
         return {"put": put, "get": get}
+
+    disk_state = {}
+
+    def disk_put(path, layers, tokens, hidden, n):
+        from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
+        shape = torch.Size([2, layers, tokens, hidden])
+        gib = (n + 1) * shape.numel() * 2 / 2**30
+        config = LMCacheEngineConfig.from_defaults(chunk_size=tokens, local_cpu=True, max_local_cpu_size=gib,
+                                                   local_disk=path, max_local_disk_size=2 * gib)
+        meta = LMCacheMetadata(model_name="bench", world_size=1, local_world_size=1, worker_id=0,
+                               local_worker_id=0, kv_dtype=torch.float16, kv_shape=(layers, 2, tokens, 8, hidden // 8))
+        cpu = LocalCPUBackend(config, meta)
+        disk = LocalDiskBackend(config, loop, cpu, "cpu", metadata=meta)
+        kv = torch.randn(2, layers, tokens * n, hidden, dtype=torch.float16)
+        keys = [CacheEngineKey("bench", 1, 0, i, torch.float16) for i in range(n)]
+        t = time.perf_counter()
+        for i, key in enumerate(keys):
+            obj = cpu.allocate(shape, torch.float16)
+            obj.tensor.copy_(kv[:, :, i * tokens:(i + 1) * tokens].reshape(obj.tensor.shape))
+            disk.submit_put_task(key, obj)
+            obj.ref_count_down()
+        while not all(disk.contains(key) for key in keys):
+            time.sleep(0.001)
+        put = time.perf_counter() - t
+        disk_state.update(cpu=cpu, disk=disk, keys=keys, kv=kv, tokens=tokens)
+        return {"put": put}
+
+    def disk_get():
+        disk, keys, kv, tokens = disk_state["disk"], disk_state["keys"], disk_state["kv"], disk_state["tokens"]
+        t = time.perf_counter()
+        objs = disk.batched_get_blocking(keys)
+        get = time.perf_counter() - t
+        for i, obj in enumerate(objs):
+            want = kv[:, :, i * tokens:(i + 1) * tokens].reshape(obj.tensor.shape)
+            assert torch.equal(obj.tensor, want), "LMCache read back other bytes"
+            obj.ref_count_down()
+        return {"get": get}
+
+    def disk_close():
+        disk_state["disk"].close()
+        disk_state["cpu"].close()
+        disk_state.clear()
+        return {}
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -328,11 +374,89 @@ def bench_redis(rounds: int, n: int, lmcache: LMCache | None) -> None:
         print(f"  {name:28s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
 
 
+# -- disk -----------------------------------------------------------------------------------------
+
+def drop_page_cache() -> None:
+    """Make the next read come from the device (needs root; else the reads are warm and say so)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError:
+        print("  (cannot drop the page cache: reads below are warm)", file=sys.stderr)
+
+
+def dd_read(path: str) -> float:
+    """Seconds for ``dd iflag=direct`` to read ``path`` in blocks of one chunk (one process, as it reports)."""
+    done = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={CHUNK_BYTES}", "iflag=direct"],
+                          capture_output=True, text=True, check=True)
+    return float(done.stderr.rsplit(" copied, ", 1)[1].split(" s")[0])
+
+
+def bench_disk(rounds: int, n: int, lmcache: LMCache | None, directory: str | None) -> None:
+    """Cold reads of ``n`` chunks: kvstacks' ``retrieve(out=)`` on a disk-only stack, LMCache's
+    ``LocalDiskBackend.batched_get_blocking`` (into its pre-faulted cpu pool), ``dd iflag=direct``."""
+    from kvstacks import CacheEngine
+
+    kv = torch.cat(chunks_of(n), dim=2).contiguous()
+    tokens = [7] + list(range(TOKENS * n - 1))
+    out = torch.empty_like(kv)
+    nbytes = n * CHUNK_BYTES
+    rows: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvstacks-vs-lmcache-", dir=directory) as tmp:
+        ours_path, theirs_path, dd_path = (os.path.join(tmp, d) for d in ("kvstacks", "lmcache", "dd"))
+        os.makedirs(theirs_path)
+        os.makedirs(dd_path)
+        config = {"model": "bench", "chunk_size": TOKENS, "stack": [{"backend": "disk", "path": ours_path}]}
+        with CacheEngine.from_config(config) as engine:
+            t = time.perf_counter()
+            engine.store(tokens, kv)
+            rows["kvstacks store GB/s"] = [gbps(nbytes, time.perf_counter() - t)]
+        dd_file = os.path.join(dd_path, "chunks.bin")
+        with open(dd_file, "wb") as f:
+            for chunk in chunks_of(n):
+                f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
+        if lmcache:
+            got = lmcache("disk_put", path=theirs_path, layers=LAYERS, tokens=TOKENS, hidden=HIDDEN, n=n)
+            rows["lmcache store GB/s"] = [gbps(nbytes, got["put"])]
+        with CacheEngine.from_config(config) as engine:
+            engine.retrieve(tokens, out=out)  # warm-up, as LMCache's pool is pre-faulted
+            for r in range(rounds):
+                results: dict[str, float] = {}
+                for system in rotated(["kvstacks", "dd"] + (["lmcache"] if lmcache else []), r):
+                    drop_page_cache()
+                    if system == "kvstacks":
+                        t = time.perf_counter()
+                        _, held = engine.retrieve(tokens, out=out)
+                        results[system] = time.perf_counter() - t
+                        assert held == len(tokens) and torch.equal(out, kv), "kvstacks read back other bytes"
+                        out.zero_()
+                    elif system == "dd":
+                        results[system] = dd_read(dd_file)
+                    else:
+                        results[system] = lmcache("disk_get")["get"]
+                for system, seconds in results.items():
+                    rows.setdefault(f"{system} cold read GB/s", []).append(gbps(nbytes, seconds))
+                for other in [s for s in results if s != "kvstacks"]:
+                    ratios.setdefault(f"kvstacks / {other} read", []).append(results[other] / results["kvstacks"])
+        if lmcache:
+            lmcache("disk_close")
+    print(f"\ndisk: {n} chunks of {CHUNK_BYTES // MiB} MiB, cold reads (page cache dropped), medians of {rounds} rounds")
+    print("  kvstacks: engine.retrieve(out=) on a disk-only stack (checksums verified); LMCache:")
+    print("  LocalDiskBackend.batched_get_blocking into its pool (no checksum); dd iflag=direct, bs = a chunk")
+    for name, values in rows.items():
+        print(f"  {name:28s} {statistics.median(values):8.3f}")
+    for name, values in ratios.items():
+        print(f"  {name:28s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--only", choices=["cpu", "redis"])
+    parser.add_argument("--only", choices=["cpu", "redis", "disk"])
+    parser.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
     parser.add_argument("--lmcache-python", default="/work/lmcache-venv/bin/python")
     args = parser.parse_args()
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -346,6 +470,8 @@ def main() -> None:
             bench_cpu(args.rounds, args.chunks, lmcache)
         if args.only in (None, "redis"):
             bench_redis(args.rounds, args.chunks, lmcache)
+        if args.only in (None, "disk"):
+            bench_disk(args.rounds, args.chunks, lmcache, args.dir)
     finally:
         if lmcache:
             lmcache.close()

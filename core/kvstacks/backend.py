@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Backend:
@@ -109,6 +112,19 @@ class Backend:
     async def batch_contains(self, keys: list[CacheKey]) -> list[bool]:
         """Whether each key is present; override to test a whole prefix in one round trip."""
         return [await self.contains(key) for key in keys]
+
+    async def batch_get_into(self, keys: list[CacheKey], places: list[torch.Tensor]) -> list[MemoryObj | None]:
+        """``batch_get``, with the caller's memory for each chunk's KV.
+
+        ``places[i]`` is where key ``i``'s KV goes, a view ``[2, layers, tokens, hidden]`` of the
+        caller's ``out`` (strided) in the dtype and shape that chunk must have, uncompressed. A
+        backend that can read a payload straight there returns an object whose ``data`` is
+        ``places[i]`` itself, saving a buffer and a copy; for any chunk it cannot (another
+        layout, a compressed or a lying chunk), it returns what ``batch_get`` would, and the
+        engine copies and releases it as usual. Bytes of ``places[i]`` may be written even when
+        that chunk then turns out to be a miss. The default is ``batch_get``.
+        """
+        return await self.batch_get(keys)
 
 
 class InProcessBackend(Backend):

@@ -370,6 +370,12 @@ class CacheEngine:
         self._check_open()
         started = time.perf_counter()
         keys, bounds = self._chunks(tokens)
+        layout = self._layout
+        if out is not None:
+            wanted = self._out_layout(out)
+            if layout is not None and wanted != layout:
+                raise InvalidInput(f"out has {wanted[0]} layers, hidden {wanted[1]}, {wanted[2]}; this engine's KV "
+                                   f"has {layout[0]} layers, hidden {layout[1]}, {layout[2]}")
         where = self._locate(keys)
         objs: list[MemoryObj | None] = [None] * len(where)
         held: list[tuple[Tier, list[CacheKey], list[MemoryObj | None]]] = []
@@ -388,22 +394,21 @@ class CacheEngine:
                 for j, obj in zip(js, leased):
                     objs[j] = obj
             raw: dict[int, MemoryObj] = {}
+            # Chunks read straight into the caller's out by a lower tier: nothing to copy, no buffer.
+            placed: set[int] = set()
             if remote:
-                fetched = self.io.run(self._fetch(remote, keys))
+                places = self._places(out, bounds, remote) if out is not None else None
+                fetched = self.io.run(self._fetch(remote, keys, places))
                 for j, obj in fetched.items():
                     objs[j] = obj
                     if obj is not None:
                         raw[j] = obj
+                        if places is not None and obj.data is places.get(j):
+                            placed.add(j)
             n_ok = objs.index(None) if None in objs else len(objs)
             self._count(where, n_ok, len(keys))
             self.requests += 1
             self.query_tokens += bounds[-1][1] if bounds else 0
-            layout = self._layout
-            if out is not None:
-                wanted = self._out_layout(out)
-                if layout is not None and wanted != layout:
-                    raise InvalidInput(f"out has {wanted[0]} layers, hidden {wanted[1]}, {wanted[2]}; this engine's KV "
-                                       f"has {layout[0]} layers, hidden {layout[1]}, {layout[2]}")
             decoded = []
             for j in range(n_ok):
                 obj = self._checked(self.tiers[where[j]], keys[j], bounds[j], objs[j], layout)  # type: ignore[arg-type]
@@ -416,7 +421,7 @@ class CacheEngine:
                 layers, hidden, dtype = layout  # type: ignore[misc]
                 self._layout = layout
             if n_ok == 0:
-                self._promote(where, [], raw)
+                self._promote(where, [], raw, placed)
                 metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
                 return None, 0
             total = bounds[n_ok - 1][1]
@@ -426,7 +431,8 @@ class CacheEngine:
             else:
                 for j in range(n_ok):
                     start, end = bounds[j]
-                    result.narrow(2, start, end - start).copy_(decoded[j].data)
+                    if j not in placed:
+                        result.narrow(2, start, end - start).copy_(decoded[j].data)
             self.hit_tokens += total
         finally:
             for tier, tier_keys, leased in held:
@@ -435,14 +441,29 @@ class CacheEngine:
                 for obj in leased:
                     if obj is not None:
                         release_now(obj)
-        self._promote(where, decoded[:n_ok], raw)
+        self._promote(where, decoded[:n_ok], raw, placed)
         metrics.RETRIEVE_SECONDS.observe(time.perf_counter() - started)
         return result, total
 
-    async def _fetch(self, remote: dict[int, list[int]], keys: list[CacheKey]) -> dict[int, MemoryObj | None]:
-        """One batch per tier, the tiers in parallel."""
+    @staticmethod
+    def _places(out: torch.Tensor, bounds: list[tuple[int, int]], remote: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """Where each chunk read from a lower tier goes in ``out`` (a validated layout), if ``out`` has room."""
+        room = out.shape[2]
+        return {j: out[:, :, bounds[j][0]:bounds[j][1]] for js in remote.values() for j in js if bounds[j][1] <= room}
+
+    async def _fetch(self, remote: dict[int, list[int]], keys: list[CacheKey],
+                     places: dict[int, torch.Tensor] | None = None) -> dict[int, MemoryObj | None]:
+        """One batch per tier, the tiers in parallel; with ``places``, backends may read straight into them."""
         levels = list(remote)
-        batches = await asyncio.gather(*(self.tiers[level].abatch_get([keys[j] for j in remote[level]]) for level in levels))
+
+        def batch(level: int) -> Any:
+            js = remote[level]
+            tier_keys = [keys[j] for j in js]
+            if places is not None and all(j in places for j in js):
+                return self.tiers[level].abatch_get(tier_keys, [places[j] for j in js])
+            return self.tiers[level].abatch_get(tier_keys)
+
+        batches = await asyncio.gather(*(batch(level) for level in levels))
         return {j: obj for level, objs in zip(levels, batches) for j, obj in zip(remote[level], objs)}
 
     def _count(self, where: list[int], n_ok: int, n_keys: int) -> None:
@@ -516,8 +537,12 @@ class CacheEngine:
             raise InvalidInput(f"out must be a {dtype} tensor of shape [2, {layers}, >= {tokens}, {hidden}], got {got}")
         return out[:, :, :tokens]
 
-    def _promote(self, where: list[int], decoded: list[MemoryObj], raw: dict[int, MemoryObj]) -> None:
-        """Copy chunks found in lower tiers into the tiers above, then release what was read."""
+    def _promote(self, where: list[int], decoded: list[MemoryObj], raw: dict[int, MemoryObj], placed: set[int]) -> None:
+        """Copy chunks found in lower tiers into the tiers above, then release what was read.
+
+        Chunks in ``placed`` were read straight into the caller's ``out``, which is the caller's
+        again once ``retrieve`` returns: queued writes get a copy of them.
+        """
         top = self.tiers[0]
         for j, (level, obj) in enumerate(zip(where, decoded)):
             if level == 0:
@@ -530,6 +555,11 @@ class CacheEngine:
                 except Exception as exc:
                     top.failed("promotion", exc)
             targets = [t for t in self.tiers[1 if top.in_process else 0:level] if not t.read_only and not t.has(obj.key)]
+            if j in placed:
+                stable = self._stable(obj) if targets else obj
+                for tier in targets:
+                    self._submit(tier, stable)
+                continue
             leased = raw.get(j)
             # A decoded copy no longer needs the read buffer; raw KV does until it is written up.
             shares = leased is not None and leased.data is obj.data

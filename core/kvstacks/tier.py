@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstacks import faults, metrics
 from kvstacks.backend import Backend, InProcessBackend
@@ -24,6 +25,9 @@ from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.eviction import EvictionPolicy
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("kvstacks.tier")
 
@@ -443,13 +447,20 @@ class Tier:
         self.touch(key)
         return decoded
 
-    async def abatch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
-        """Fetch many chunks as stored (undecoded) in one backend call (one round trip for remote stores)."""
+    async def abatch_get(self, keys: list[CacheKey], places: list[torch.Tensor] | None = None) -> list[MemoryObj | None]:
+        """Fetch many chunks as stored (undecoded) in one backend call (one round trip for remote stores).
+
+        With ``places`` (the caller's memory for each chunk's KV, see ``Backend.batch_get_into``)
+        a tier that stores chunks uncompressed lets its backend read them straight there.
+        """
         if self.in_process:
             return [await self.aget(key, decode=False) for key in keys]
         started = time.perf_counter()
         try:
-            objs = await self.backend.batch_get(keys)
+            if places is not None and self.compressor.name == "none":
+                objs = await self.backend.batch_get_into(keys, places)
+            else:
+                objs = await self.backend.batch_get(keys)
         except Exception as exc:
             self.failed("get (misses)", exc)
             return [None] * len(keys)

@@ -29,14 +29,18 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvstacks.backend import Backend
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError, CorruptChunk
-from kvstacks.frame import decode
+from kvstacks.frame import decode, header
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 from kvstacks_disk import direct as io
 from kvstacks_disk import layout
@@ -188,6 +192,13 @@ class DiskBackend(Backend):
     async def batch_get(self, keys: list[CacheKey]) -> list[MemoryObj | None]:
         return list(await asyncio.gather(*(self.get(key) for key in keys)))
 
+    async def batch_get_into(self, keys: list[CacheKey], places: list[torch.Tensor]) -> list[MemoryObj | None]:
+        """``batch_get``, reading each uncompressed payload straight into the caller's ``places``."""
+        return list(await asyncio.gather(*(
+            asyncio.to_thread(self._read_into, layout.chunk_path(self.root, key), key, place)
+            for key, place in zip(keys, places)
+        )))
+
     async def batch_contains(self, keys: list[CacheKey]) -> list[bool]:
         root = self.root
         return [os.path.isfile(layout.chunk_path(root, key)) for key in keys]
@@ -238,6 +249,22 @@ class DiskBackend(Backend):
             self._drop_corrupt(path, st, exc)
             return None
         return self._buffers.lend(decoded, buffer)
+
+    def _read_into(self, path: str, key: CacheKey, place: torch.Tensor) -> MemoryObj | None:
+        placed = MemoryObj(key, place, tuple(place.shape), place.dtype)
+        runs = io.runs(place)
+        if runs is None:
+            return self._read(path, key)
+        read = io.read_into(path, header(placed), runs, self.direct)
+        if read is None:
+            return None
+        outcome, st = read
+        if outcome == "read":
+            return placed
+        if outcome == "corrupt":
+            self._drop_corrupt(path, st, CorruptChunk("chunk checksum mismatch"))
+            return None
+        return self._read(path, key)
 
     def _drop_corrupt(self, path: str, st: os.stat_result, exc: CorruptChunk) -> None:
         # Another process may have renamed a good chunk over the bad one since we

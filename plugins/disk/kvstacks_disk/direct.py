@@ -28,6 +28,8 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 OPEN_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC
 OPEN_READ = os.O_RDONLY | _CLOEXEC
+#: iovecs per preadv call (the kernel refuses more)
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 def aligned(nbytes: int) -> int:
@@ -120,6 +122,72 @@ def read_file(path: str, direct: bool, buffers: AlignedBuffers) -> tuple[torch.T
     finally:
         os.close(fd)
     return buffer, view[: min(got, st.st_size)], st
+
+
+def runs(place: torch.Tensor) -> list[memoryview] | None:
+    """``place``'s bytes as the contiguous runs a chunk's payload fills, in order; None if it has none.
+
+    ``place`` is ``[2, layers, tokens, hidden]``, usually a slice of a longer KV along the
+    tokens: one run per K or V of a layer, or a single run when the slice is contiguous.
+    """
+    if place.device.type != "cpu" or place.dim() != 4:
+        return None
+    if place.is_contiguous():
+        return [memoryview(place.reshape(-1).view(torch.uint8).numpy())]
+    if not place[0, 0].is_contiguous():
+        return None
+    return [memoryview(place[kv, layer].reshape(-1).view(torch.uint8).numpy())
+            for kv in range(place.shape[0]) for layer in range(place.shape[1])]
+
+
+def read_into(path: str, head: bytes, payload: list[memoryview], direct: bool) -> tuple[str, os.stat_result] | None:
+    """Read a frame whose header should be ``head`` with its payload straight into ``payload``.
+
+    Returns None if there is no file, else ``(outcome, stat)``: ``"read"`` when the file is
+    exactly that header, a payload of the runs' size and a valid checksum; ``"other"`` when
+    its size or header differ (another layout, a compressed or a lying chunk: read it the
+    general way, which decodes it and says what it holds); ``"corrupt"`` when the header
+    matched and the checksum did not. The read is buffered: O_DIRECT would need the payload
+    at an aligned file offset, and it follows a header of any length. With ``direct`` the
+    pages read are dropped from the page cache afterwards, as O_DIRECT would not have kept them.
+    """
+    try:
+        fd = os.open(path, OPEN_READ)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != len(head) + sum(len(run) for run in payload) + 8:
+            return "other", st
+        got_head, check = bytearray(len(head)), bytearray(8)
+        done = _pread_views(fd, [memoryview(got_head), *payload, memoryview(check)])
+        if direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if done != st.st_size or got_head != head:
+        return "other", st
+    digest = xxhash.xxh3_64(head)
+    for run in payload:
+        digest.update(run)
+    return ("read" if struct.unpack("<Q", check)[0] == digest.intdigest() else "corrupt"), st
+
+
+def _pread_views(fd: int, views: list[memoryview]) -> int:
+    """Fill ``views`` from the start of ``fd`` in order; return the bytes read (short at end of file)."""
+    offset, i = 0, 0
+    while i < len(views):
+        batch = views[i : i + IOV_MAX]
+        n = os.preadv(fd, batch, offset)
+        if n == 0:
+            break
+        offset += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+    return offset
 
 
 def _write_all(fd: int, views: list[memoryview]) -> None:

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-from kvstacks import CacheEngine
+import torch
+from kvstacks import CacheEngine, frame
+from kvstacks.memory import MemoryObj
 from kvstacks.testing import bits, random_kv
 from kvstacks_disk import chunk_path
 
@@ -89,3 +91,74 @@ def test_a_shared_disk_tier_writes_again_what_another_process_removed(tmp_path: 
         engine.clear("cpu")
         got, n = engine.retrieve(tokens)
         assert n == len(tokens) and bits(got) == bits(kv)
+
+
+def count_general_reads(engine: CacheEngine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths the disk backend read into buffers of its own (not straight into ``out``)."""
+    backend = engine.tier("disk").backend
+    general: list[str] = []
+    read = backend._read
+
+    def counted(path: str, key):
+        general.append(path)
+        return read(path, key)
+
+    monkeypatch.setattr(backend, "_read", counted)
+    return general
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("o_direct", [None, False])
+def test_retrieve_into_out_reads_the_payload_straight_there(tmp_path: Path, monkeypatch, dtype, o_direct) -> None:
+    config = disk_only(tmp_path)
+    config["stack"][0]["o_direct"] = o_direct
+    tokens = list(range(4 * CHUNK + 5))  # four whole chunks and a partial one
+    kv = random_kv(3, len(tokens), 64, dtype, seed=7)
+    with CacheEngine.from_config(config) as engine:
+        engine.store(tokens, kv)
+    with CacheEngine.from_config(config) as engine:
+        general = count_general_reads(engine, monkeypatch)
+        out = torch.full((2, 3, len(tokens) + 40, 64), 7.0, dtype=dtype)  # longer than the prompt
+        got, n = engine.retrieve(tokens, out=out)
+        assert n == len(tokens) and bits(got) == bits(kv)
+        assert got.data_ptr() == out.data_ptr() and bool((out[:, :, n:] == 7).all()), "out beyond n was written"
+        assert general == [], "every chunk should have been read straight into out"
+        assert engine.tier("disk").backend.idle_buffer_bytes == 0 or o_direct is None  # direct writes stage in buffers
+        one = torch.empty(2, 3, CHUNK, 64, dtype=dtype)  # exactly one chunk: one contiguous run
+        got, n = engine.retrieve(tokens[:CHUNK], out=one)
+        assert n == CHUNK and bits(got) == bits(kv[:, :, :CHUNK]) and general == []
+
+
+def test_retrieve_into_out_falls_back_for_chunks_of_another_layout_and_drops_damaged_ones(tmp_path: Path, monkeypatch) -> None:
+    tokens, kv = tokens_and_kv(5)
+    with CacheEngine.from_config(disk_only(tmp_path)) as engine:
+        engine.store(tokens, kv)
+        keys = engine.chunk_keys(tokens)
+    # Chunk 1 rewritten as a valid frame of float32 KV (another layout: read the general way,
+    # then refused as a lying chunk), chunk 2 damaged in its payload (a corrupt miss).
+    lying = chunk_path(str(tmp_path), keys[1])
+    wide_kv = kv[:, :, CHUNK:2 * CHUNK].float()
+    Path(lying).write_bytes(frame.encode(MemoryObj(keys[1], wide_kv, tuple(wide_kv.shape), torch.float32)))
+    damaged = chunk_path(str(tmp_path), keys[2])
+    data = bytearray(Path(damaged).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    Path(damaged).write_bytes(bytes(data))
+    with CacheEngine.from_config(disk_only(tmp_path)) as engine:
+        general = count_general_reads(engine, monkeypatch)
+        out = torch.zeros(2, 2, len(tokens), 64, dtype=torch.float16)
+        got, n = engine.retrieve(tokens, out=out)
+        assert n == CHUNK and bits(got) == bits(kv[:, :, :CHUNK])
+        assert general == [lying]
+        assert engine.stats()["disk"]["corrupt"] == 2
+        assert not os.path.exists(lying) and not os.path.exists(damaged)
+
+    with CacheEngine.from_config(disk_only(tmp_path)) as engine:
+        engine.store(tokens, kv)  # chunk 1 again
+        general = count_general_reads(engine, monkeypatch)
+        wide = torch.zeros(2, 2, len(tokens), 64, dtype=torch.float16)
+        # A caller's out whose tokens are not contiguous rows: nothing to read straight into.
+        strided = torch.zeros(2, 2, 64, len(tokens), dtype=torch.float16).transpose(2, 3)
+        got, n = engine.retrieve(tokens, out=strided)
+        assert n == len(tokens) and bits(got) == bits(kv) and len(general) == 4
+        got, n = engine.retrieve(tokens, out=wide)
+        assert n == len(tokens) and bits(got) == bits(kv) and len(general) == 4
