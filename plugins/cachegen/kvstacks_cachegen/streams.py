@@ -159,5 +159,7 @@ def class_counts(symbols: np.ndarray, alphabet: int, scale: int = 255) -> np.nda
     top = hist.max() if hist.size else 0
     if top <= 0:
         return np.zeros(alphabet, dtype=np.uint16 if scale > 255 else np.uint8)
-    scaled = np.ceil(hist * (scale / top))
+    # hist * scale / top, not hist * (scale / top): the latter rounded the most frequent
+    # symbol's count to just above ``scale``, which wrapped to 0 in the cast.
+    scaled = np.minimum(np.ceil(hist * scale / top), scale)
     return scaled.astype(np.uint16 if scale > 255 else np.uint8)

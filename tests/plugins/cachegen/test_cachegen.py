@@ -443,3 +443,14 @@ def test_streams_round_trip_paired_or_not(alphabet, n):
     assert np.array_equal(decode_stream(words, n, counts), symbols)
     with pytest.raises(StreamError):
         decode_stream(np.concatenate([words, np.ones(3, dtype=np.uint32)]), n, counts)
+
+
+@pytest.mark.parametrize("top", [11, 3982, 255, 2])
+def test_the_most_frequent_symbol_keeps_the_top_count(top):
+    """hist * (255 / top) rounded 11 * (255 / 11) to just above 255, which wrapped to 0 in
+    the uint8 cast: the most frequent symbol of such a stream got the smallest probability."""
+    from kvstacks_cachegen.streams import class_counts
+
+    symbols = np.concatenate([np.full(top - 1, 3), np.arange(8)]).astype(np.uint8)  # symbol 3: top times
+    counts = class_counts(symbols, 8)
+    assert counts[3] == 255 and counts.argmax() == 3
