@@ -58,12 +58,12 @@ def _layout(op: int, items: list[Stream] | list[Slab]) -> tuple[list[tuple[int, 
     for s in items:
         if op == SLABS:
             size_in = s.body.nbytes
-            # Words of at most two parts: 16 bits a value at worst for our counts, plus raw low bits.
-            capacity = 2 * s.size + 4 * ((s.size + 31) // 32) + 256
+            # Words of at most two parts: at most 15 bits a value (rans.PROB_BITS), plus the states.
+            capacity = 2 * s.size + 256
         elif op == ENCODE:
             size_in = s.size
-            # Worst case for our counts: 16 bits a symbol, plus the raw low bits.
-            capacity = 2 * s.size + 4 * ((s.size + 31) // 32) + 64
+            # Worst case: 15 bits a symbol (rans.PROB_BITS), plus the states.
+            capacity = 2 * s.size + 64
         else:
             size_in = s.words.nbytes
             capacity = s.size * s.dequant.dtype.itemsize
@@ -121,13 +121,14 @@ class CoderWorker:
                 head.append(SLAB_HEAD.pack(s.body.shape[0], s.body.shape[1], s.bins, at_in, at_out, capacity))
             elif op == ENCODE:
                 space[at_in:at_in + s.size] = s.symbols
-                head.append(STREAM_HEAD.pack(len(s.counts), s.size, 0, at_in, at_out, capacity, 0, 0, 0, 0.0))
+                head.append(STREAM_HEAD.pack(len(s.counts), s.size, 0, at_in, at_out, capacity, 0, 0, 0, 0.0, s.coder))
                 tail.append(np.asarray(s.counts, dtype="<u2").tobytes())
             else:
                 d = s.dequant
                 space[at_in:at_in + s.words.nbytes] = s.words.view(np.uint8)
                 head.append(STREAM_HEAD.pack(len(s.counts), s.size, s.words.size, at_in, at_out, capacity,
-                                             d.mean16.size, d.channels_last, d.dtype.itemsize == 4, d.clip))
+                                             d.mean16.size, d.channels_last, d.dtype.itemsize == 4, d.clip,
+                                             s.coder))
                 tail += [np.asarray(s.counts, dtype="<u2").tobytes(), np.asarray(d.mean16, dtype="<f2").tobytes(),
                          np.asarray(d.std16, dtype="<f2").tobytes()]
         message = b"".join(head + tail)

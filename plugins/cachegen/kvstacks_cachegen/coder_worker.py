@@ -32,8 +32,8 @@ from kvstacks_cachegen.streams import DECODE, ENCODE, SLABS, Stream, StreamError
 
 JOB_HEAD = struct.Struct("<BIQ")  # op, streams or slabs, arena bytes
 # alphabet, symbols, words, input offset, output offset, output capacity,
-# channels, channels last, values are fp32, clip
-STREAM_HEAD = struct.Struct("<HIIQQQIBBf")
+# channels, channels last, values are fp32, clip, coder (streams.RANS or CONSTRICTION_PAIRS)
+STREAM_HEAD = struct.Struct("<HIIQQQIBBfB")
 SLAB_JOB = struct.Struct("<fIBB")  # clip, anchor_every, input dtype code, fitted tables code the last part
 SLAB_HEAD = struct.Struct("<IIHQQQ")  # tokens, hidden, bins, input offset, output offset, output capacity
 PART_HEAD = struct.Struct("<HII")  # counts (0: symbols were written, not words), escapes, words or symbols
@@ -85,7 +85,7 @@ def run_job(message: bytes, arena: Arena) -> bytes:
     if op == ENCODE:
         return encode_streams(message, pos, heads, space)
     streams = []
-    for alphabet, size, nwords, at_in, at_out, _, channels, last, fp32, clip in heads:
+    for alphabet, size, nwords, at_in, at_out, _, channels, last, fp32, clip, coder in heads:
         counts = np.frombuffer(message, dtype="<u2", count=alphabet, offset=pos)
         mean = np.frombuffer(message, dtype="<f2", count=channels, offset=pos + 2 * alphabet)
         std = np.frombuffer(message, dtype="<f2", count=channels, offset=pos + 2 * alphabet + 2 * channels)
@@ -93,7 +93,7 @@ def run_job(message: bytes, arena: Arena) -> bytes:
         dequant = Dequant(mean, std, alphabet, clip, bool(last), DTYPES[fp32])
         out = space[at_out:at_out + size * dequant.dtype.itemsize].view(dequant.dtype).reshape(dequant.shape(size))
         words = space[at_in:at_in + 4 * nwords].view("<u4")
-        streams.append(Stream(counts, words=words, size=size, dequant=dequant, out=out))
+        streams.append(Stream(counts, words=words, size=size, dequant=dequant, out=out, coder=coder))
     for s in streams:
         run(DECODE, s)
     return bytes([OK]) + struct.pack(f"<{count}I", *(s.escapes.size for s in streams)) + \

@@ -1,6 +1,6 @@
 """The ``cachegen`` compressor: per-channel quantization plus ANS entropy coding.
 
-Payload layout (little-endian), version 1::
+Payload layout (little-endian), version 2::
 
     header   "KVCG" u8 version, u8 mode (0 coded, 1 raw), u8 dtype, u8 flags (1 tables, 2 delta),
              u32 layers, u32 tokens, u32 hidden, 8s table id, u32 sink tokens,
@@ -11,8 +11,11 @@ Payload layout (little-endian), version 1::
              per part (anchors then residuals with delta coding, else one body part):
                fp16 mean [2, L, H], fp16 std [2, L, H], u32 escapes, escaped values (input dtype)
              per part coded with per-chunk tables: u8 counts for each (K/V, layer) stream
-             u32 words of every stream, then the streams' words (a stream of at most 64
-             symbols starts with its raw low bits, ceil(n / 32) words, see streams.encode_stream)
+             u32 words of every stream, then the streams' words (rANS, see rans.py)
+
+Version 1 differs only in the streams: words of constriction's ANS coder, a
+stream of at most 64 symbols starting with its raw low bits (see
+streams.decode_pairs_v1). It still decodes; chunks are written as version 2.
 
 Everything the decoder needs is in the payload and the (payload, shape, dtype)
 it is given, except a fitted table file, whose id the header names.
@@ -38,8 +41,10 @@ from kvstacks_cachegen.payload import Reader, Writer
 from kvstacks_cachegen.quantize import Dequant, Uncodable, raw_to_float, work_dtype
 from kvstacks_cachegen.slabs import Slab, encode_slab, token_parts
 from kvstacks_cachegen.streams import (
+    CONSTRICTION_PAIRS,
     DECODE,
     ENCODE,
+    RANS,
     SLABS,
     Stream,
     StreamError,
@@ -51,7 +56,9 @@ from kvstacks_cachegen.tables import Tables, load_tables
 log = logging.getLogger("kvstacks.cachegen")
 
 MAGIC = b"KVCG"
-VERSION = 1
+VERSION = 2
+#: payload versions this decoder reads, and the stream coder of each
+READS = {1: CONSTRICTION_PAIRS, 2: RANS}
 HEADER = struct.Struct("<4sBBBBIII8sIIf")
 MODE_CODED, MODE_RAW = 0, 1
 FLAG_TABLES, FLAG_DELTA = 1, 2
@@ -290,10 +297,17 @@ class CacheGenCompressor(Compressor):
 
     def _code(self, op: int, streams: list[Stream]) -> None:
         models: dict[int, object] = {}
-        table_models = {id(c): m for c, m in zip(self.tables.classes, self.tables.models)} if self.tables else {}
+        coder = streams[0].coder if streams else RANS
+        table_models = {id(c): m for c, m in zip(self.tables.classes, self.tables.models(coder))} if self.tables \
+            else {}
 
         def here(s: Stream) -> None:
-            run(op, s, table_models.get(id(s.counts)) or models.setdefault(id(s.counts), model_from_counts(s.counts)))
+            model = table_models.get(id(s.counts))
+            if model is None:
+                model = models.get(id(s.counts))
+            if model is None:
+                model = models[id(s.counts)] = model_from_counts(s.counts, s.coder)
+            run(op, s, model)
 
         workers = self._borrow(streams)
         failed = self._split(op, streams, workers, here) if workers else set()
@@ -315,8 +329,9 @@ class CacheGenCompressor(Compressor):
             r.unpack(HEADER.format, "header")
         if magic != MAGIC:
             raise CorruptChunk("not a cachegen payload (bad magic)")
-        if version != VERSION:
-            raise CorruptChunk(f"cachegen payload version {version}; this kvstacks-cachegen reads {VERSION}")
+        if version not in READS:
+            raise CorruptChunk(f"cachegen payload version {version}; this kvstacks-cachegen reads versions "
+                               f"{', '.join(map(str, READS))}")
         if (2, layers, tokens, hidden) != tuple(shape) or pcode != code:
             raise CorruptChunk(f"cachegen payload is for {(2, layers, tokens, hidden)} dtype code {pcode}, "
                                f"not {tuple(shape)} {dtype}")
@@ -391,6 +406,7 @@ class CacheGenCompressor(Compressor):
             raise CorruptChunk("cachegen stream sizes do not match the payload length")
         for s, w in zip(streams, words.tolist()):
             s.words = r.array("<u4", w, "stream")
+            s.coder = READS[version]
         r.done()
         try:
             self._code(DECODE, streams)

@@ -103,26 +103,36 @@ class Dequant:
         rows = size // c if c else 0
         return (rows, c) if self.channels_last else (c, rows)
 
+    def _step_mean(self) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        half = np.float32(self.bins // 2 - 1)
+        return steps(self.std16, self.clip, half), self.mean16.astype(np.float32), half
+
+    def table(self) -> np.ndarray:
+        """Every channel's value of every symbol, flat ``[C * bins]`` in ``dtype``."""
+        step, mean, half = self._step_mean()
+        levels = np.arange(self.bins, dtype=np.float32) - half
+        return (levels[None, :] * step.reshape(-1, 1) + mean.reshape(-1, 1)).astype(self.dtype).reshape(-1)
+
+    def run(self, size: int) -> int:
+        """How many symbols in a row of a stream of ``size`` share a channel."""
+        return 1 if self.channels_last else max(1, size // max(1, self.mean16.size))
+
     def apply(self, symbols: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Values of ``symbols`` (1-D, in stream order) as a 2-D array, and the
         stream positions of escapes (whose values the caller overwrites)."""
         c = self.mean16.size
         shape = self.shape(symbols.size)
         sym = symbols.reshape(shape)
-        half = np.float32(self.bins // 2 - 1)
-        step = steps(self.std16, self.clip, half)
-        mean = self.mean16.astype(np.float32)
-        if not self.channels_last:
-            step, mean = step[:, None], mean[:, None]
         if c * self.bins <= symbols.size:
             # A table of every (channel, symbol) value, then one gather: fewer passes than arithmetic.
-            levels = np.arange(self.bins, dtype=np.float32) - half
-            lut = (levels[None, :] * step.reshape(-1, 1) + mean.reshape(-1, 1)).astype(self.dtype).reshape(-1)
             offsets = np.arange(c, dtype=np.int32 if c * self.bins > 1 << 16 else np.uint16) * self.bins
             index = sym + (offsets if self.channels_last else offsets[:, None])
-            values = np.take(lut, index, out=out)
+            values = np.take(self.table(), index, out=out)
         else:
             # The same float32 operations as the table, element by element, for short streams.
+            step, mean, half = self._step_mean()
+            if not self.channels_last:
+                step, mean = step[:, None], mean[:, None]
             work = sym.astype(np.float32)
             work -= half
             work *= step

@@ -1,9 +1,11 @@
-"""Entropy coding of symbol streams with constriction's ANS coder.
+"""Entropy coding of symbol streams: one coder call and one model per stream.
 
-One coder call per stream, with one categorical model per stream: a stream is
-every symbol of one distribution class, so the coder never sees per-symbol
-probability rows (30x slower). This module imports only numpy, constriction
-and :mod:`kvstacks_cachegen.quantize`, because the coder worker processes import it too.
+A stream is every symbol of one distribution class, so the coder never sees
+per-symbol probability rows (30x slower). Payload version 2 codes streams with
+:mod:`kvstacks_cachegen.rans`; version 1's streams (constriction's ANS coder,
+pairs of high parts plus raw low bits) still decode here. This module imports
+only numpy, numba, constriction and cachegen modules that do too, because the
+coder worker processes import it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
+from kvstacks_cachegen import rans
 from kvstacks_cachegen.quantize import Dequant
 
 #: coder jobs: encode streams, decode streams, encode slabs (:mod:`kvstacks_cachegen.slabs`)
 ENCODE, DECODE, SLABS = 1, 2, 3
+
+#: a stream's coder, numbered as the payload versions that use it
+CONSTRICTION_PAIRS, RANS = 1, 2
 
 _ans = constriction.stream.stack.AnsCoder
 _categorical = constriction.stream.model.Categorical
@@ -27,25 +33,28 @@ class StreamError(ValueError):
     """Bytes that do not decode as the streams they claim to be."""
 
 
-#: streams of at most this many symbols are coded as pairs of their high parts plus raw low bits
+#: version 1 coded streams of at most this many symbols as pairs of their high parts plus raw low bits
 PAIRED_MAX_ALPHABET = 64
 
 
 def paired(alphabet: int) -> bool:
-    """Whether a stream of this alphabet is coded as pairs (see :func:`encode_stream`)."""
+    """Whether a version 1 stream of this alphabet was coded as pairs (see :func:`decode_pairs_v1`)."""
     return alphabet <= PAIRED_MAX_ALPHABET and alphabet % 2 == 0
 
 
-def model_from_counts(counts: np.ndarray) -> object:
-    """The categorical model a stream with these integer counts is coded with.
+def model_from_counts(counts: np.ndarray, coder: int = RANS) -> object:
+    """The model a stream with these integer counts is coded with by ``coder``.
 
-    Encoder and decoder build it identically from the same counts. For paired
-    streams it is the model of a pair of high parts (``symbol >> 1``): the
+    For :data:`RANS` see :func:`kvstacks_cachegen.rans.model_from_counts`. For
+    version 1's coder it is constriction's categorical model; for paired
+    streams the model of a pair of high parts (``symbol >> 1``): the
     outer product of their distribution with itself. constriction gives every
     symbol at least the smallest representable probability, so a symbol whose
     count rounded to zero still codes, and hostile counts still make a valid
     (if useless) model.
     """
+    if coder == RANS:
+        return rans.model_from_counts(counts)
     probabilities = np.asarray(counts, dtype=np.float64)
     if not probabilities.any():
         probabilities = np.ones_like(probabilities)
@@ -71,6 +80,7 @@ class Stream:
     out: np.ndarray | None = None
     values: np.ndarray | None = None  # 2-D, after decoding (``out`` when given)
     escapes: np.ndarray | None = None  # uint32 positions of escaped values, after decoding
+    coder: int = RANS  # streams are encoded with RANS; version 1 payloads decode with CONSTRICTION_PAIRS
 
 
 def run(op: int, stream: Stream, model: object | None = None) -> None:
@@ -78,8 +88,26 @@ def run(op: int, stream: Stream, model: object | None = None) -> None:
     if op == ENCODE:
         stream.words = encode_stream(stream.symbols, stream.counts, model)
         return
-    symbols = decode_stream(stream.words, stream.size, stream.counts, model)
+    if stream.coder == RANS:
+        decode_values(stream, model)
+        return
+    symbols = decode_pairs_v1(stream.words, stream.size, stream.counts, model)
     stream.values, stream.escapes = stream.dequant.apply(symbols, out=stream.out)
+
+
+def decode_values(stream: Stream, model: rans.Model | None = None) -> None:
+    """Decode a RANS stream straight into its values (one pass: symbols never land in memory)."""
+    d = stream.dequant
+    if len(stream.counts) != d.bins:
+        raise StreamError(f"a stream of {d.bins} bins has {len(stream.counts)} counts")
+    model = model or rans.model_from_counts(stream.counts)
+    values = stream.out if stream.out is not None else np.empty(d.shape(stream.size), dtype=d.dtype)
+    bits = np.uint16 if d.dtype.itemsize == 2 else np.uint32  # numba has no float16: move the bits
+    escapes = rans.decode_values(stream.words, stream.size, model, d.table().view(bits), d.run(stream.size),
+                                 values.reshape(-1).view(bits))
+    if escapes is None:
+        raise StreamError("invalid coded stream (its words do not decode to exactly its symbols)")
+    stream.values, stream.escapes = values, escapes
 
 
 @functools.lru_cache(maxsize=64)
@@ -91,43 +119,24 @@ def _split_pairs(half: int) -> np.ndarray:
     return parts.view(np.uint16).reshape(-1)
 
 
-def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: object | None = None) -> np.ndarray:
-    """ANS words of ``symbols`` (one coder call).
+def encode_stream(symbols: np.ndarray, counts: np.ndarray, model: rans.Model | None = None) -> np.ndarray:
+    """uint32 words of ``symbols`` (one coder call, :mod:`kvstacks_cachegen.rans`)."""
+    return rans.encode(symbols, model or rans.model_from_counts(counts))
 
-    A paired stream stores the symbols' lowest bits raw (``ceil(n / 32)`` words,
-    first) and ANS-codes pairs of their high parts: the decoder then runs half
-    as many, only slightly costlier, steps (78 vs 61 M values/s measured) for
-    about 0.3% more bits, since the lowest bit of a fine grid is nearly uniform.
+
+def decode_pairs_v1(words: np.ndarray, size: int, counts: np.ndarray, model: object | None = None) -> np.ndarray:
+    """The ``size`` symbols (uint8) of a version 1 stream; :class:`StreamError` if it is not valid.
+
+    Version 1 stored a stream of at most 64 symbols as its symbols' lowest bits
+    raw (``ceil(n / 32)`` words, first) and pairs of their high parts ANS-coded
+    with constriction, the pair model being the outer product of the high
+    parts' distribution with itself; larger alphabets were coded one symbol a step.
     """
-    if symbols.size == 0:
-        return np.zeros(0, dtype=np.uint32)
-    model = model or model_from_counts(counts)
-    coder = _ans()
-    if not paired(len(counts)):
-        coder.encode_reverse(symbols.astype(np.int32, copy=False), model)
-        return coder.get_compressed()
-    n = symbols.size
-    sym = symbols.astype(np.uint8, copy=False)
-    low = np.zeros(4 * ((n + 31) // 32), dtype=np.uint8)
-    packed = np.packbits(sym & 1, bitorder="little")
-    low[:packed.size] = packed
-    high = sym >> 1
-    if n % 2:
-        high = np.append(high, np.uint8(0))
-    pairs = high[0::2].astype(np.int32)
-    pairs *= len(counts) // 2
-    pairs += high[1::2]
-    coder.encode_reverse(pairs, model)
-    return np.concatenate([low.view(np.uint32), coder.get_compressed()])
-
-
-def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: object | None = None) -> np.ndarray:
-    """The ``size`` symbols (uint8) coded in ``words``; :class:`StreamError` if they are not a valid stream."""
     if size == 0:
         if words.size:
             raise StreamError("a stream of no symbols carries data")
         return np.zeros(0, dtype=np.uint8)
-    model = model or model_from_counts(counts)
+    model = model or model_from_counts(counts, CONSTRICTION_PAIRS)
     pairs = paired(len(counts))
     low_words = (size + 31) // 32 if pairs else 0
     if words.size < low_words:
@@ -152,8 +161,9 @@ def decode_stream(words: np.ndarray, size: int, counts: np.ndarray, model: objec
 def class_counts(symbols: np.ndarray, alphabet: int, scale: int = 255) -> np.ndarray:
     """Histogram of ``symbols`` scaled into 1..scale for every symbol seen, 0 for unseen.
 
-    Scaling keeps the table tiny (one byte a symbol for per-chunk tables); a
-    seen symbol never rounds to zero, so its code length stays bounded.
+    Scaling keeps the table tiny (one byte a symbol for per-chunk tables: two
+    bytes made the streams 0.03% smaller on real KV and the tables 0.15% of the
+    payload bigger); a seen symbol never rounds to zero, so its code length stays bounded.
     """
     hist = np.bincount(symbols, minlength=alphabet)[:alphabet].astype(np.float64)
     top = hist.max() if hist.size else 0

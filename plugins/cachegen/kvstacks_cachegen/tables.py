@@ -46,15 +46,20 @@ class Tables:
     table_id: bytes = b""
     # derived: rows of each class, in order, for gathering symbols into streams
     class_rows: list[np.ndarray] = field(default_factory=list)
-    models: list[Any] = field(default_factory=list)
+    _models: dict[int, list[Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.table_id = hashlib.sha256(canonical_json(self.to_json())).digest()[:8]
         rows = np.asarray(self.row_class, dtype=np.int64)
         self.class_rows = [np.flatnonzero(rows == c) for c in range(len(self.classes))]
-        from kvstacks_cachegen.streams import model_from_counts
 
-        self.models = [model_from_counts(c) for c in self.classes]
+    def models(self, coder: int) -> list[Any]:
+        """Each class's model for ``coder`` (see :mod:`kvstacks_cachegen.streams`), built once."""
+        if coder not in self._models:
+            from kvstacks_cachegen.streams import model_from_counts
+
+            self._models[coder] = [model_from_counts(c, coder) for c in self.classes]
+        return self._models[coder]
 
     def to_json(self) -> dict[str, Any]:
         return {

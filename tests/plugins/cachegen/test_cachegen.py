@@ -431,20 +431,6 @@ def test_fit_is_a_subcommand_of_kvstacks(tmp_path, sample_npz):
     assert load_tables(out).layers == 3
 
 
-@pytest.mark.parametrize("alphabet", [4, 40, 64, 80, 256])
-@pytest.mark.parametrize("n", [1, 2, 3, 1001])
-def test_streams_round_trip_paired_or_not(alphabet, n):
-    from kvstacks_cachegen.streams import StreamError, class_counts, decode_stream, encode_stream
-
-    rng = np.random.default_rng(alphabet * n)
-    symbols = rng.integers(0, alphabet, size=n).astype(np.int32)
-    counts = class_counts(symbols, alphabet)
-    words = encode_stream(symbols, counts)
-    assert np.array_equal(decode_stream(words, n, counts), symbols)
-    with pytest.raises(StreamError):
-        decode_stream(np.concatenate([words, np.ones(3, dtype=np.uint32)]), n, counts)
-
-
 @pytest.mark.parametrize("top", [11, 3982, 255, 2])
 def test_the_most_frequent_symbol_keeps_the_top_count(top):
     """hist * (255 / top) rounded 11 * (255 / 11) to just above 255, which wrapped to 0 in
