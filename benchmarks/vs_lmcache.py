@@ -17,12 +17,18 @@ medians over rounds, ratios are taken within a round.
 3. disk: cold reads (page cache dropped) of the same chunks: ``retrieve(out=)`` on a
    disk-only stack against LMCache's ``LocalDiskBackend.batched_get_blocking`` (into
    its pre-faulted cpu pool) and ``dd iflag=direct``.
+4. cachegen: kvstacks' ``cachegen`` compressor (default level, its coder worker)
+   against LMCache's ``CacheGenSerializer`` / ``CacheGenDeserializer`` (on CPU,
+   its "test_model" bins) on the same ``--cachegen-chunks`` chunks, handed over
+   as a ``.npy`` file; baselines: one torch copy, and core's lossless ``zstd``.
+   MB/s of fp16 KV, size against fp16, mean absolute error. The chunks are
+   random normal values, so the sizes say little (real KV: docs/cachegen.md).
 
 LMCache runs in a subprocess of its own venv (``--lmcache-python``, default
 /work/lmcache-venv/bin/python; LMCACHE_TRACK_USAGE=false); without it only
 kvstacks and the baselines run.
 
-    python benchmarks/vs_lmcache.py [--rounds 5] [--chunks 8] [--only cpu|redis|disk] [--dir PATH]
+    python benchmarks/vs_lmcache.py [--rounds 5] [--chunks 8] [--only cpu|redis|disk|cachegen] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -148,6 +154,33 @@ LMCACHE_WORKER = textwrap.dedent(
         disk_state["cpu"].close()
         disk_state.clear()
         return {}
+
+    def cachegen(path, repeat):
+        import numpy as np
+        from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
+        from lmcache.v1.storage_backend.naive_serde.cachegen_decoder import CacheGenDeserializer
+        from lmcache.v1.storage_backend.naive_serde.cachegen_encoder import CacheGenSerializer
+
+        chunks = torch.from_numpy(np.load(path, allow_pickle=False)).view(torch.float16)
+        _, layers, tokens, hidden = chunks.shape[1:]
+        config = LMCacheEngineConfig.from_defaults(chunk_size=tokens, local_cpu=True, max_local_cpu_size=1)
+        meta = LMCacheMetadata(model_name="test_model", world_size=1, local_world_size=1, worker_id=0,
+                               local_worker_id=0, kv_dtype=torch.float16, kv_shape=(layers, 2, tokens, 8, hidden // 8))
+        encoder, decoder = CacheGenSerializer(config, meta), CacheGenDeserializer(config, meta)
+        objs = [TensorMemoryObj(c.contiguous().view(torch.uint8).reshape(-1),
+                                MemoryObjMetadata(c.shape, torch.float16, 0, c.numel() * 2, 1, 0, MemoryFormat.KV_2LTD),
+                                None) for c in chunks]
+        result = {"encode": [], "decode": []}
+        for _ in range(repeat):
+            t = time.perf_counter()
+            coded = [encoder.serialize(o) for o in objs]
+            result["encode"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = [decoder.deserialize(c) for c in coded]
+            result["decode"].append(time.perf_counter() - t)
+        result["bytes"] = sum(c.get_size() for c in coded)
+        result["error"] = sum(float((o.tensor.float() - c.float()).abs().mean()) for o, c in zip(out, chunks)) / len(out)
+        return result
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -451,12 +484,70 @@ def bench_disk(rounds: int, n: int, lmcache: LMCache | None, directory: str | No
         print(f"  {name:28s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
 
 
+# -- cachegen -------------------------------------------------------------------------------------
+
+def bench_cachegen(rounds: int, n: int, lmcache: LMCache | None) -> None:
+    import numpy as np
+    from kvstacks.builtin.compressors import ZstdCompressor
+    from kvstacks_cachegen.compressor import CacheGenCompressor
+
+    chunks = [c.contiguous() for c in chunks_of(n)]
+    nbytes = n * CHUNK_BYTES
+    ours, zstd = CacheGenCompressor(), ZstdCompressor()
+    rows: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    sizes: dict[str, tuple[float, float]] = {}
+
+    def codec(coder) -> tuple[float, float, int, float]:
+        t = time.perf_counter()
+        payloads = [coder.compress(c) for c in chunks]
+        encode = time.perf_counter() - t
+        t = time.perf_counter()
+        out = [coder.decompress(memoryview(p), CHUNK_SHAPE, torch.float16) for p in payloads]
+        decode = time.perf_counter() - t
+        error = sum(float((o.float() - c.float()).abs().mean()) for o, c in zip(out, chunks)) / n
+        return encode, decode, sum(len(p) for p in payloads), error
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "chunks.npy"
+        np.save(path, torch.stack(chunks).view(torch.int16).numpy(), allow_pickle=False)
+        codec(ours)  # starts and warms the coder worker
+        for r in range(rounds):
+            results: dict[str, tuple[float, float]] = {}
+            for system in rotated(["ours", "zstd", "copy"] + (["lmcache"] if lmcache else []), r):
+                if system == "copy":
+                    copy = two_copies(chunks)
+                    results[system] = (copy, copy)
+                    continue
+                if system == "lmcache":
+                    got = lmcache("cachegen", path=str(path), repeat=1)
+                    encode, decode, size, error = got["encode"][0], got["decode"][0], got["bytes"], got["error"]
+                else:
+                    encode, decode, size, error = codec(ours if system == "ours" else zstd)
+                results[system] = (encode, decode)
+                sizes[system] = (nbytes / size, error)
+            for system, (encode, decode) in results.items():
+                rows.setdefault(f"{system} encode MB/s", []).append(nbytes / encode / 1e6)
+                rows.setdefault(f"{system} decode MB/s", []).append(nbytes / decode / 1e6)
+            for other in [s for s in results if s != "ours"]:
+                for i, what in enumerate(("encode", "decode")):
+                    ratios.setdefault(f"ours / {other} {what}", []).append(results[other][i] / results["ours"][i])
+    print(f"\ncachegen: {n} chunks of {CHUNK_BYTES // MiB} MiB (random normal fp16), medians of {rounds} rounds")
+    for name, values in rows.items():
+        print(f"  {name:28s} {statistics.median(values):10.1f}")
+    for name, (ratio, error) in sizes.items():
+        print(f"  {name:8s} size {ratio:6.3f}x smaller than fp16, mean abs error {error:.4f}")
+    for name, values in ratios.items():
+        print(f"  {name:28s} {statistics.median(values):8.2f}x   (rounds: {' '.join(f'{v:.2f}' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--only", choices=["cpu", "redis", "disk"])
+    parser.add_argument("--only", choices=["cpu", "redis", "disk", "cachegen"])
     parser.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
+    parser.add_argument("--cachegen-chunks", type=int, default=2, help="LMCache's CacheGen runs at ~10 MB/s on CPU")
     parser.add_argument("--lmcache-python", default="/work/lmcache-venv/bin/python")
     args = parser.parse_args()
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -472,6 +563,8 @@ def main() -> None:
             bench_redis(args.rounds, args.chunks, lmcache)
         if args.only in (None, "disk"):
             bench_disk(args.rounds, args.chunks, lmcache, args.dir)
+        if args.only in (None, "cachegen"):
+            bench_cachegen(args.rounds, args.cachegen_chunks, lmcache)
     finally:
         if lmcache:
             lmcache.close()
