@@ -3,9 +3,10 @@
 1. Channel: one chunk of 8 and 32 MiB from this process to a peer process.
    Baseline: raw NIXL, both buffers registered once, one WRITE with a notification,
    the peer acknowledging over TCP once it sees the notification (what "arrived"
-   means for our channel too), both sides polling with the channel's backoff. Compared: ``nixl`` channel ``send`` (control
-   connection, metadata, registration, the peer's ``receive`` answering) and the
-   ``tcp`` channel. Goal: nixl channel >= 70% of raw.
+   means for our channel too), both sides waiting as the channel does (``wait_until``: a short
+   spin, then sleeps). Compared: ``nixl`` channel ``send`` (its open control connection, the
+   receiver's plan, registration, the peer's ``receive`` answering) and the ``tcp`` channel.
+   Goal: nixl channel >= 70% of raw.
 2. P2P retrieve: a prompt of ``--chunks`` chunks of SmolLM2-sized KV (256 tokens x
    23,040 bytes) held in the CPU tier of a worker process, retrieved by an engine whose
    only tier is ``p2p`` (so every retrieve pulls: controller lookup + transfer), over
@@ -76,6 +77,7 @@ def peer() -> None:
     """Raw NIXL target plus nixl and tcp channel receivers; serves until stdin closes."""
     from kvstacks.builtin.transfer import TcpChannel
     from kvstacks_nixl import NixlChannel
+    from kvstacks_nixl.channel import wait_until
 
     def receive(objs, meta):
         return {"num_tokens": sum(o.num_tokens for o in objs)}
@@ -98,10 +100,7 @@ def peer() -> None:
             tag = _recv(conn)
         except EOFError:
             break
-        pause = 0.0
-        while tag not in agent.get_new_notifs().get(initiator, []):
-            time.sleep(pause)  # polling as the channel does: a spin loop starves 2 shared cores
-            pause = min(0.002, pause + 0.0001)
+        assert wait_until(lambda: tag in agent.get_new_notifs().get(initiator, []), time.monotonic() + 60)
         _send(conn, b"ok")
     for reg in regs:
         agent.deregister_memory(reg)
@@ -110,6 +109,8 @@ def peer() -> None:
 
 def raw_initiator(port: int):
     """Returns ``write(nbytes) -> seconds`` over pre-registered buffers."""
+    from kvstacks_nixl.channel import wait_until
+
     agent = _agent("bench-initiator")
     conn = socket.create_connection(("127.0.0.1", port))
     _send(conn, agent.get_agent_metadata())
@@ -129,13 +130,14 @@ def raw_initiator(port: int):
         started = time.perf_counter()
         _send(conn, tag)
         handle = agent.initialize_xfer("WRITE", local, far, target, tag)
-        state = agent.transfer(handle)
-        pause = 0.0
-        while state != "DONE":
-            assert state != "ERR", "raw NIXL write failed"
-            time.sleep(pause)
-            pause = min(0.001, pause + 0.00005)
-            state = agent.check_xfer_state(handle)
+        state = [agent.transfer(handle)]
+
+        def ended() -> bool:
+            if state[0] not in ("DONE", "ERR"):
+                state[0] = agent.check_xfer_state(handle)
+            return state[0] in ("DONE", "ERR")
+
+        assert wait_until(ended, time.monotonic() + 60) and state[0] == "DONE", "raw NIXL write failed"
         _recv(conn)
         elapsed = time.perf_counter() - started
         agent.release_xfer_handle(handle)

@@ -67,12 +67,12 @@ def test_chunks_of_every_dtype_and_compressed_ones_arrive_intact(pair):
 def test_a_wrong_token_is_refused_before_anything_is_allocated(pair):
     out, into, address, receiver = pair
     receiver.calls.clear()
-    before = [id(b) for b, _ in into._free]
+    before = [id(item[0]) for item in into._free]
     big = [MemoryObj.from_kv(key(9), torch.zeros(2, 4, 256, 1024, dtype=torch.float16))]
     for token in ("wrong", None):
         with pytest.raises(TransferError, match="missing or wrong KVSTACKS_WORKER_TOKEN"):
             out.send(address, big, {}, token=token)
-    assert receiver.calls == [] and [id(b) for b, _ in into._free] == before
+    assert receiver.calls == [] and [id(item[0]) for item in into._free] == before
 
 
 def test_caps_and_refusals_come_back_as_clear_errors(pair):
@@ -92,9 +92,9 @@ def test_receive_buffers_are_reused(pair):
     out, into, address, _ = pair
     objs = [MemoryObj.from_kv(key(5), torch.ones(2, 2, 64, 256, dtype=torch.float16))]
     out.send(address, objs, {}, token=TOKEN)
-    pooled = {b.data_ptr() for b, _ in into._free}
+    pooled = {item[0].data_ptr() for item in into._free}
     out.send(address, objs, {}, token=TOKEN)
-    assert {b.data_ptr() for b, _ in into._free} == pooled
+    assert {item[0].data_ptr() for item in into._free} == pooled
 
 
 def test_a_sender_that_vanishes_after_the_plan_is_a_failed_transfer(pair):
@@ -106,11 +106,14 @@ def test_a_sender_that_vanishes_after_the_plan_is_a_failed_transfer(pair):
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(nixl._HEAD.pack(nixl.MAGIC, nixl.VERSION))
+        nixl._send_msg(sock, json.dumps({"token": TOKEN}).encode())
+        nixl._send_msg(sock, out._metadata())
+        assert json.loads(nixl._recv_msg(sock, 1 << 20, "opening"))["ok"]
+        nixl._recv_msg(sock, nixl.MAX_METADATA, "metadata")
         nbytes = 2 * 1 * 4 * 8 * 2
-        head = {"token": TOKEN, "count": 1, "total": 64 * -(-nbytes // 64), "ticket": "t", "meta": {}}
+        head = {"count": 1, "total": 64 * -(-nbytes // 64), "ticket": "t", "meta": {}}
         nixl._send_msg(sock, json.dumps(head).encode())
         nixl._send_msg(sock, json.dumps([[key(7).to_string(), [2, 1, 4, 8], 1, "none", nbytes]]).encode())
-        nixl._send_msg(sock, out._metadata())
         plan = json.loads(nixl._recv_msg(sock, 1 << 20, "plan"))
         assert plan["ok"] and plan["regions"][0][1] == nbytes
     # The receiver gives up on it, never hands half-written chunks on, and drops the buffer.
@@ -140,3 +143,37 @@ def test_concurrent_senders(pair):
     got = {meta["i"]: objs[0][1] for objs, meta in receiver.calls}
     assert sorted(got) == list(range(6))
     assert all(bool((data == float(i)).all()) for i, data in got.items())
+
+
+def test_a_sender_keeps_its_control_connection_open_for_the_next_transfers(pair):
+    out, into, address, receiver = pair
+    obj = MemoryObj.from_kv(key(30), torch.ones(2, 2, 16, 64, dtype=torch.float16))
+
+    def idle() -> set:
+        return {c.sock for conns in out._connections._idle.values() for c in conns}
+
+    out.send(address, [obj], {}, token=TOKEN)
+    kept = idle()
+    for _ in range(3):
+        out.send(address, [obj], {}, token=TOKEN)
+    assert idle() == kept and len(into._serving) == len(kept)  # no new connection opened
+
+
+def test_a_connection_the_receiver_closed_while_idle_is_replaced_unnoticed():
+    require("nixl._api", "pip install nixl-cu12==1.5.1 && pip install --no-deps nixl==1.5.1")
+    from kvstacks_nixl import NixlChannel
+
+    receiver = Receiver()
+    into = NixlChannel(NixlChannel.Options(idle_timeout=0.3))
+    address = into.listen("127.0.0.1", 0, receiver, TOKEN)
+    out = NixlChannel()
+    try:
+        obj = MemoryObj.from_kv(key(31), torch.full((2, 1, 8, 64), 3.0, dtype=torch.float16))
+        out.send(address, [obj], {}, token=TOKEN)
+        threading.Event().wait(1.0)  # the receiver closes the idle connection after 0.3 s
+        assert into._serving == set()
+        assert out.send(address, [obj], {"again": True}, token=TOKEN) == {"num_tokens": 8}
+        assert receiver.calls[-1][1] == {"again": True}
+    finally:
+        out.close()
+        into.close()
