@@ -282,6 +282,26 @@ class BackendConformance:
         assert all(type(flag) is bool for flag in flags), "batch_contains must return bools"
 
     @pytest.mark.asyncio
+    async def test_batch_get_into_gives_the_stored_bytes_placed_or_not(self, kit_backend: Backend) -> None:
+        # The engine hands each chunk's place in the caller's out (a strided slice); a backend
+        # may read straight there (data is the place) or return its own object, never other bytes.
+        keys = [random_key() for _ in range(3)]
+        kv = random_kv(2, 3 * 8, 32, torch.float16, seed=65)
+        objs = [raw_obj(k, kv[:, :, 8 * i:8 * (i + 1)].clone()) for i, k in enumerate(keys)]
+        await kit_backend.batch_put(list(zip(keys, objs)))
+        out = torch.zeros(2, 2, 3 * 8 + 8, 32, dtype=torch.float16)
+        order = [keys[0], random_key(), keys[2]]
+        places = [out[:, :, 0:8], out[:, :, 8:16], out[:, :, 16:24]]
+        got = await kit_backend.batch_get_into(order, places)
+        assert len(got) == 3 and got[1] is None, "batch_get_into must return None for a missing key"
+        for obj, expected, place in ((got[0], objs[0], places[0]), (got[2], objs[2], places[2])):
+            assert obj is not None
+            if obj.data is place:
+                assert_same_obj(MemoryObj(obj.key, place.clone(), obj.shape, obj.dtype), expected, "read into place")
+            else:
+                assert_same_obj(_detach(kit_backend, obj), expected, "batch_get_into, not placed")
+
+    @pytest.mark.asyncio
     async def test_empty_batches(self, kit_backend: Backend) -> None:
         await kit_backend.batch_put([])
         assert list(await _batch_get(kit_backend, [])) == []

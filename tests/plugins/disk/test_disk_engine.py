@@ -123,7 +123,7 @@ def test_retrieve_into_out_reads_the_payload_straight_there(tmp_path: Path, monk
         assert n == len(tokens) and bits(got) == bits(kv)
         assert got.data_ptr() == out.data_ptr() and bool((out[:, :, n:] == 7).all()), "out beyond n was written"
         assert general == [], "every chunk should have been read straight into out"
-        assert engine.tier("disk").backend.idle_buffer_bytes == 0 or o_direct is None  # direct writes stage in buffers
+        assert engine.tier("disk").backend.idle_buffer_bytes == 0, "no read buffer should have been used"
         one = torch.empty(2, 3, CHUNK, 64, dtype=dtype)  # exactly one chunk: one contiguous run
         got, n = engine.retrieve(tokens[:CHUNK], out=one)
         assert n == CHUNK and bits(got) == bits(kv[:, :, :CHUNK]) and general == []
