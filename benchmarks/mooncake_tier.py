@@ -1,7 +1,7 @@
 """Mooncake tier throughput against a raw Mooncake client, same master, same run.
 
     python benchmarks/mooncake_tier.py [--sizes 8,32] [--batch 8] [--repeats 7]
-                                       [--modes same,cross]
+                                       [--modes same,cross] [--parts 1[,2,8]]
 
 Starts its own mooncake_master on free loopback ports (stopped by PID). For each chunk size
 (fp16 KV, contiguous, already in memory) and each mode it measures, alternating the order of
@@ -18,7 +18,8 @@ Both go through one client (the backend's) so they place and read chunks the sam
 ``cross``: it lends none (segment_bytes 0) and another process lends the segment, so every
 chunk crosses processes over TCP on loopback. Each repeat uses fresh keys (Mooncake keeps an
 existing value, so a put of a present key would cost nothing) and removes them afterwards.
-Figures are medians in GB/s of KV bytes; the ratio is ours over raw.
+Figures are medians in GB/s of KV bytes; the ratio is ours over raw. ``--parts 1,2,8``
+measures the tier with each of those ``pipeline_parts`` in the same run, rotated with raw.
 """
 
 from __future__ import annotations
@@ -43,8 +44,6 @@ import torch  # noqa: E402
 from kvstacks.keys import CacheKey  # noqa: E402
 from kvstacks.memory import MemoryObj  # noqa: E402
 from kvstacks_mooncake import MooncakeBackend  # noqa: E402
-
-PARTS = 1  # --parts: pipeline_parts of the tier
 
 HOLDER = """
 import os, sys, time
@@ -111,7 +110,8 @@ async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor
     return t1 - t0, t2 - t1
 
 
-async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: int) -> dict[str, float]:
+async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: int,
+                  parts: list[int]) -> dict[str, float]:
     holder = None
     if mode == "cross":
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, master, str(batch * size_mib * 2 << 20)],
@@ -120,7 +120,7 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
     segment = 0 if mode == "cross" else batch * size_mib * 2 << 20
     backend = MooncakeBackend(MooncakeBackend.Options(
         master=master, prefix=f"bench-{mode}:", segment_bytes=segment, local_buffer_bytes=16 << 20,
-        read_buffer_bytes=2 * batch * (size_mib + 1) << 20, timeout=60.0, keep_client=False, pipeline_parts=PARTS))
+        read_buffer_bytes=2 * batch * (size_mib + 1) << 20, timeout=60.0, keep_client=False))
     await backend.start()
     store = backend.store
     try:
@@ -129,16 +129,18 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
         for t in dst:
             assert store.register_buffer(t.data_ptr(), t.numel()) == 0
         nbytes = sum(t.numel() * t.element_size() for t in src)
-        runs: dict[str, list[float]] = {"raw put": [], "raw get": [], "ours put": [], "ours get": []}
+        systems: list[str | int] = ["raw", *parts]
+        runs: dict[str, list[float]] = {f"{who} {op}": [] for who in systems for op in ("put", "get")}
         # the tier registers the source chunks where they lie on its first put; raw sends from the same memory
         await our_round(backend, "warm", src)
         raw_round(store, [f"warm-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)  # fault pages in
         for r in range(repeats):
-            order = ["raw", "ours"] if r % 2 == 0 else ["ours", "raw"]
-            for who in order:
+            shift = r % len(systems)
+            for who in systems[shift:] + systems[:shift]:  # every system first in turn
                 if who == "raw":
                     put, get = raw_round(store, [f"raw-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)
                 else:
+                    backend.options.pipeline_parts = who
                     put, get = await our_round(backend, f"bench-{r}", src)
                 runs[f"{who} put"].append(nbytes / put / 1e9)
                 runs[f"{who} get"].append(nbytes / get / 1e9)
@@ -164,22 +166,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="chunks per batch call")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", default="same,cross")
-    ap.add_argument("--parts", type=int, default=1, help="the tier's pipeline_parts")
+    ap.add_argument("--parts", default="1", help="the tier's pipeline_parts; several (1,2,8) are measured side by side")
     args = ap.parse_args()
-    global PARTS
-    PARTS = args.parts
+    parts = [int(p) for p in args.parts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         master, address = start_master(Path(tmp))
         try:
             print(f"mooncake_master at {address}; batches of {args.batch} chunks; medians of {args.repeats}, GB/s")
-            print("| mode | chunk | op | raw Mooncake | ours | ours / raw |")
-            print("|---|---|---|---|---|---|")
+            print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+            print("| mode | chunk | op | raw Mooncake | parts | ours | ours / raw |")
+            print("|---|---|---|---|---|---|---|")
             for mode in args.modes.split(","):
                 for size in (int(s) for s in args.sizes.split(",")):
-                    m = asyncio.run(measure(address, mode, size, args.batch, args.repeats))
+                    m = asyncio.run(measure(address, mode, size, args.batch, args.repeats, parts))
                     for op in ("put", "get"):
-                        raw, ours = m[f"raw {op}"], m[f"ours {op}"]
-                        print(f"| {mode} | {size} MiB | {op} | {raw:.2f} | {ours:.2f} | {ours / raw:.0%} |", flush=True)
+                        raw = m[f"raw {op}"]
+                        for p in parts:
+                            ours = m[f"{p} {op}"]
+                            print(f"| {mode} | {size} MiB | {op} | {raw:.2f} | {p} | {ours:.2f} | {ours / raw:.0%} |",
+                                  flush=True)
+            print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         finally:
             os.kill(master.pid, signal.SIGTERM)
             master.wait(timeout=10)
