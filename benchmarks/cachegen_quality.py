@@ -233,8 +233,14 @@ def speed_table(kv: torch.Tensor, repeats: int) -> None:
     ans = median_rate(lambda: constriction.stream.stack.AnsCoder(words).decode(model, symbols.size),
                       symbols.size, repeats)
     ans_mb = ans * 2  # M values/s -> MB/s of fp16 (2 bytes a value)
+    from kvstacks_cachegen import rans
+
+    ours = rans.model_from_counts(np.rint(p / p.sum() * 1e6))
+    coded = rans.encode(symbols.astype(np.uint8), ours)
+    rans_rate = median_rate(lambda: rans.decode(coded, symbols.size, ours), symbols.size, repeats)
     print(f"baselines in this run: memcpy {memcpy:,.0f} MB/s; constriction ANS decode {ans:.0f} M symbols/s "
-          f"(one thread, 32 symbols), i.e. {ans_mb:.0f} MB/s of fp16 KV at one coder step per value")
+          f"(one thread, 32 symbols), i.e. {ans_mb:.0f} MB/s of fp16 KV at one coder step per value "
+          f"(version 1's coder); kvstacks_cachegen.rans decode {rans_rate:.0f} M symbols/s (version 2's)")
     print(f"{'coder':<34}{'encode':>8}{'decode':>8}{'enc/CPU-s':>11}{'dec/CPU-s':>11}{'decode vs ANS':>15}")
     for label, options in (("cachegen default, coder workers", {}), ("cachegen default, one thread", {"workers": 0}),
                            ("cachegen low, coder workers", {"level": "low"}),
@@ -256,7 +262,7 @@ def speed_table(kv: torch.Tensor, repeats: int) -> None:
               + f"{row[1] / ans_mb:>14.2f}x", flush=True)
     print("encode/decode: wall clock. /CPU-s: MB per CPU-second of this process (its numpy threads included)\n"
           "and its coder workers together; twice that is what 2 otherwise idle cores can give. decode vs ANS:\n"
-          "decode MB/s over the raw one-thread ANS rate above (pairs halve the coder steps, workers add cores).")
+          "decode MB/s over constriction's raw one-thread ANS rate above.")
 
 
 def worker_ticks(c) -> list[int]:

@@ -42,6 +42,12 @@ CONFIGS: list[tuple[str, Compressor]] = [
     ("zstd 1 plain", ZstdCompressor(ZstdCompressor.Options(byte_split=False))),
     ("zstd 3 byte_split", ZstdCompressor(ZstdCompressor.Options(level=3))),
 ]
+try:  # the lossy CacheGen-style codec, when its plugin is installed; one thread here like the rest
+    from kvstacks_cachegen.compressor import CacheGenCompressor
+
+    CONFIGS.append(("cachegen default (lossy)", CacheGenCompressor(CacheGenCompressor.Options(workers=0))))
+except ImportError:
+    pass
 
 
 def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -100,7 +106,11 @@ def measure(label: str, chunks: list[torch.Tensor], repeats: int) -> None:
         payloads = [coder.compress(c) for c in chunks]
         for p, c in zip(payloads, chunks):  # never report a number for a wrong round trip
             out = coder.decompress(memoryview(p), tuple(c.shape), c.dtype)
-            assert torch.equal(out.view(torch.uint8), c.view(torch.uint8)), f"{name} did not round-trip"
+            if coder.lossless:
+                assert torch.equal(out.view(torch.uint8), c.view(torch.uint8)), f"{name} did not round-trip"
+            else:  # within a small part of the values' size (cachegen: half a step of 0.27 std)
+                error = (out.float() - c.float()).abs().mean() / c.float().abs().mean()
+                assert error < 0.1, f"{name} decoded {float(error):.3f} off"
         ratio = raw_bytes / sum(len(p) for p in payloads)
         enc = raw_bytes / cpu_seconds(lambda: [coder.compress(c) for c in chunks], repeats) / 1e6
         dec = raw_bytes / cpu_seconds(
