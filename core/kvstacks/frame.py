@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Iterator
 
 import torch
 import xxhash
@@ -60,10 +61,29 @@ def encode_parts(obj: MemoryObj) -> list[bytes | memoryview]:
     return [head, payload, checksum(head, payload)]
 
 
-def checksum(head: bytes, payload: bytes | memoryview) -> bytes:
-    """The frame's last field, for a frame written as parts (``header`` then the payload)."""
+def encode_streamed(obj: MemoryObj) -> tuple[int, Iterator[bytes | memoryview]]:
+    """The frame's size, and its parts as they are consumed: the payload as its contiguous
+    runs (``MemoryObj.payload_runs``, so not even a sliced chunk is copied), the checksum
+    computed run by run on the way. A sender that sends each run right after it was
+    hashed starts at once and reads the run again while it is still in the cache."""
+    head = header(obj)
+
+    def parts() -> Iterator[bytes | memoryview]:
+        check = xxhash.xxh3_64(head)
+        yield head
+        for run in obj.payload_runs():
+            check.update(run)
+            yield run
+        yield _CHECK.pack(check.intdigest())
+
+    return len(head) + obj.nbytes + _CHECK.size, parts()
+
+
+def checksum(head: bytes, *payload: bytes | memoryview) -> bytes:
+    """The frame's last field, for a frame written as parts (``header`` then the payload, maybe in runs)."""
     check = xxhash.xxh3_64(head)
-    check.update(payload)
+    for run in payload:
+        check.update(run)
     return _CHECK.pack(check.intdigest())
 
 
@@ -75,8 +95,33 @@ def frame_size(obj: MemoryObj) -> int:
     return len(header(obj)) + obj.nbytes + _CHECK.size
 
 
-def decode(buf: bytes | bytearray | memoryview, expect_key: CacheKey | None = None) -> MemoryObj:
-    """Parse and verify a frame; the returned tensor shares ``buf``'s memory when writable."""
+class RunningCheck:
+    """A frame's checksum computed as its bytes arrive: a receiver feeds it every piece in
+    order, each right after receiving it (still in the cache), and ``decode`` then takes
+    the result instead of reading the whole frame again."""
+
+    def __init__(self, size: int) -> None:
+        self._left = max(size - _CHECK.size, 0)  # the last field is not part of the sum
+        self._hash = xxhash.xxh3_64()
+
+    def update(self, piece: bytes | memoryview) -> None:
+        take = min(len(piece), self._left)
+        if take:
+            self._hash.update(piece[:take])
+            self._left -= take
+
+    def result(self) -> int | None:
+        """The checksum, once every byte it covers was fed; else None."""
+        return self._hash.intdigest() if self._left == 0 else None
+
+
+def decode(
+    buf: bytes | bytearray | memoryview, expect_key: CacheKey | None = None, running: RunningCheck | None = None
+) -> MemoryObj:
+    """Parse and verify a frame; the returned tensor shares ``buf``'s memory when writable.
+
+    ``running``, if given, was fed all of ``buf`` as it was received: its sum is checked
+    instead of computing one."""
     view = memoryview(buf).cast("B")
     if len(view) < _FIXED.size + _CHECK.size:
         raise CorruptChunk(f"chunk is truncated ({len(view)} bytes)")
@@ -93,9 +138,11 @@ def decode(buf: bytes | bytearray | memoryview, expect_key: CacheKey | None = No
         raise CorruptChunk(
             f"chunk is truncated or padded: header says {end_of_header + paylen + _CHECK.size} bytes, got {len(view)}"
         )
-    check = xxhash.xxh3_64(view[: end_of_header + paylen])
+    computed = running.result() if running is not None else None
+    if computed is None:
+        computed = xxhash.xxh3_64(view[: end_of_header + paylen]).intdigest()
     (stored,) = _CHECK.unpack_from(view, end_of_header + paylen)
-    if check.intdigest() != stored:
+    if computed != stored:
         raise CorruptChunk("chunk checksum mismatch")
     shape = struct.unpack_from(f"<{ndim}I", view, offset)
     offset += 4 * ndim

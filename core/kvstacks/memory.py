@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,32 @@ class MemoryObj:
         """The stored bytes, without a copy."""
         data = self.data if self.data.is_contiguous() else self.data.contiguous()
         return memoryview(data.view(torch.uint8).reshape(-1).numpy())
+
+    def payload_runs(self, min_run: int = 1 << 16) -> list[memoryview]:
+        """The stored bytes in order, as views of the tensor's contiguous runs: no copy.
+
+        A chunk sliced out of a longer KV (``kv[:, :, a:b]``) is not contiguous, but each
+        of its ``[k/v, layer]`` blocks is; a writer that gathers (``sendmsg``, ``writev``)
+        sends those blocks as they lie instead of copying the chunk first. Runs shorter
+        than ``min_run`` bytes would cost more in calls than the copy: then the payload is
+        copied once into a single run, as ``payload`` does.
+        """
+        data = self.data
+        if data.is_contiguous():
+            return [self.payload()]
+        # the trailing dimensions laid out contiguously (a dimension of 1 has any stride)
+        split, inner = data.dim(), 1
+        for d in range(data.dim() - 1, -1, -1):
+            if data.shape[d] != 1 and data.stride(d) != inner:
+                break
+            inner *= data.shape[d]
+            split = d
+        if inner * data.element_size() < min_run:
+            return [self.payload()]
+        return [
+            memoryview(data[index].reshape(-1).view(torch.uint8).numpy())
+            for index in itertools.product(*(range(n) for n in data.shape[:split]))
+        ]
 
 
 def check_kv(kv: object, num_tokens: int | None = None) -> torch.Tensor:

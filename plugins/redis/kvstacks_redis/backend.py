@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.exceptions as rexc
+import torch
 from kvstacks import frame
 from kvstacks.backend import Backend
 from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
@@ -18,14 +19,17 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
-from kvstacks_redis.connect import RedisOptions, build_client, redacted, validate
-from kvstacks_redis.wire import get_values_raw, put_frames
+from kvstacks_redis.connect import RedisOptions, build_client, build_sync_client, redacted, validate
+from kvstacks_redis.lanes import Lanes
 
 log = logging.getLogger("kvstacks.redis")
 T = TypeVar("T")
 
-#: a batch of GETs is split into at most this many pipelines, each on its own connection
-PARALLEL_GETS = 4
+#: a batch is spread over at most this many connections at once, each with its own thread
+#: (puts: the server reads one socket while the client's threads fill the others; gets:
+#: the server's writes to many sockets at once cost it more CPU than they save)
+PUT_LANES = 4
+GET_LANES = 2
 
 #: failures that mean "the server is not there", which feed the circuit breaker
 UNREACHABLE = (
@@ -65,7 +69,8 @@ class RedisBackend(Backend):
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
         self.corrupt_count = 0  # chunks found corrupt or foreign: the tier's ``corrupt`` statistic
-        self._buffers = ReadBuffers(o.read_buffers)
+        self._buffers = _UnfilledBuffers(o.read_buffers)
+        self._lanes: Lanes | None = None  # standalone and Sentinel: values move in worker threads
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -75,6 +80,9 @@ class RedisBackend(Backend):
         Bad options (and a credential variable that is not set) raise ConfigError.
         """
         self.client = build_client(self.options)
+        sync_client = build_sync_client(self.options)
+        if sync_client is not None:
+            self._lanes = Lanes(sync_client, self.options.pool_size)
         self._slots = asyncio.Semaphore(self.options.pool_size)
         try:
             async with asyncio.timeout(self.options.connect_timeout + self.options.timeout):
@@ -100,6 +108,12 @@ class RedisBackend(Backend):
         self._closed = True
         self._buffers.clear()
         client, self.client = self.client, None
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            try:
+                lanes.close()  # in-use sockets are shut down: a thread stuck on a hung server returns at once
+            except Exception as exc:
+                log.warning("redis tier %s: closing the transfer connections: %s", self._where(), _describe(exc))
         try:
             async with asyncio.timeout(self.options.close_timeout):
                 await client.aclose()
@@ -159,11 +173,13 @@ class RedisBackend(Backend):
     async def _drop_stale_connections(self) -> None:
         """After an outage every idle pooled socket is suspect: reconnect instead of failing once more."""
         pool = getattr(self.client, "connection_pool", None)  # a cluster client reconnects per node itself
-        if pool is not None:
-            try:
+        try:
+            if pool is not None:
                 await pool.disconnect(inuse_connections=False)
-            except Exception as exc:
-                log.debug("redis tier: dropping idle connections: %s", exc)
+            if self._lanes is not None:
+                self._lanes.drop_idle()
+        except Exception as exc:
+            log.debug("redis tier: dropping idle connections: %s", exc)
 
     def _name(self, key: CacheKey) -> bytes:
         return self.prefix + key.to_string().encode("utf-8")
@@ -174,18 +190,21 @@ class RedisBackend(Backend):
         await self.batch_put([(key, obj)])
 
     async def batch_put(self, items: Iterable[tuple[CacheKey, MemoryObj]]) -> None:
-        frames = []
+        items = list(items)
         for key, obj in items:
             if obj.key != key:
                 raise InvalidInput(f"object holds key {obj.key} but is stored under {key}")
-            frames.append((self._name(key), frame.encode_parts(obj)))
-        if not frames:
+        if not items:
             return
-        # Pipelines go out on several connections at once: redis-server parses one while
-        # the socket of the next is being filled (measured 0.41x LMCache's 8-thread RESP
-        # client with one pipeline after another).
+        lanes = self._lanes
+        if lanes is not None:
+            # each frame is made (hashed) in a worker thread, run by run as it is sent
+            frames = [(self._name(key), *frame.encode_streamed(obj)) for key, obj in items]
+            await self._guarded("put", lambda _: lanes.set_many(frames, self.ttl_ms, PUT_LANES))
+            return
+        frames = [(self._name(key), frame.encode_parts(obj)) for key, obj in items]
         await asyncio.gather(*(
-            self._guarded("put", lambda client, batch=batch: put_frames(client, batch, self.ttl_ms))
+            self._guarded("put", lambda client, batch=batch: self._put_joined(client, batch))
             for batch in self._split(frames)
         ))
 
@@ -223,21 +242,25 @@ class RedisBackend(Backend):
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        if isinstance(self.client, Redis):
-            # A pipeline per connection, up to PARALLEL_GETS at once, as for puts.
-            step = -(-len(names) // min(PARALLEL_GETS, len(names)))
-            parts = await asyncio.gather(*(
-                self._guarded("get", lambda c, part=names[i : i + step]: get_values_raw(c, part, self._buffers.take))
-                for i in range(0, len(names), step)
+        lanes = self._lanes
+        if lanes is not None:
+            def verify(i: int, value: memoryview, running: frame.RunningCheck):  # in a worker thread
+                return value, _verified(value, keys[i], running)
+
+            values = await self._guarded("get", lambda _: lanes.get_many(
+                names, self._buffers.take, verify, GET_LANES, watch=frame.RunningCheck
             ))
-            values = [value for part in parts for value in part]
         elif len(names) == 1:
             values = [await self._guarded("get", lambda c: c.get(names[0]))]
         else:
             values = await self._guarded("get", lambda c: self._pipelined(c, [("GET", n) for n in names]))
         out: list[MemoryObj | None] = []
         for key, name, value in zip(keys, names, values):
-            out.append(None if value is None else await self._decode(key, name, value))
+            if value is None:
+                out.append(None)
+                continue
+            value, verified = value if isinstance(value, tuple) else (value, _verified(value, key))
+            out.append(await self._accept(key, name, value, verified))
         return out
 
     def release_now(self, obj: MemoryObj) -> None:
@@ -246,26 +269,28 @@ class RedisBackend(Backend):
     async def release(self, obj: MemoryObj) -> None:
         self.release_now(obj)
 
-    async def _decode(self, key: CacheKey, name: bytes, value: bytes | memoryview) -> MemoryObj | None:
+    async def _accept(
+        self, key: CacheKey, name: bytes, value: bytes | memoryview, verified: MemoryObj | CorruptChunk
+    ) -> MemoryObj | None:
+        """A read value's chunk, lent with its buffer; or, if it failed its checks, a miss."""
         buffer = value.obj if isinstance(value, memoryview) else None
-        try:
-            obj = frame.decode(value, expect_key=key)
-            return obj if buffer is None else self._buffers.lend(obj, buffer)
-        except CorruptChunk as exc:
-            if buffer is not None:
-                self._buffers.give_back(buffer)
-            self.corrupt_count += 1
-            if bytes(value[:4]) == frame.MAGIC:
-                # one of ours gone bad: drop it so nobody reads it again
-                log.warning("redis tier: removing corrupt chunk %s: %s", key, exc)
-                try:
-                    await self._guarded("remove", lambda c: c.delete(name))
-                except Exception as exc2:  # the miss stands either way
-                    log.warning("redis tier: could not remove corrupt chunk %s: %s", key, _describe(exc2))
-            else:
-                # not a kvstacks frame: someone else's value under our prefix; never served, never deleted
-                log.warning("redis tier: key %r holds a foreign value; treated as a miss", name)
-            return None
+        if isinstance(verified, MemoryObj):
+            return verified if buffer is None else self._buffers.lend(verified, buffer)
+        ours = bytes(value[:4]) == frame.MAGIC
+        if buffer is not None:
+            self._buffers.give_back(buffer)
+        self.corrupt_count += 1
+        if ours:
+            # one of ours gone bad: drop it so nobody reads it again
+            log.warning("redis tier: removing corrupt chunk %s: %s", key, verified)
+            try:
+                await self._guarded("remove", lambda c: c.delete(name))
+            except Exception as exc:  # the miss stands either way
+                log.warning("redis tier: could not remove corrupt chunk %s: %s", key, _describe(exc))
+        else:
+            # not a kvstacks frame: someone else's value under our prefix; never served, never deleted
+            log.warning("redis tier: key %r holds a foreign value; treated as a miss", name)
+        return None
 
     async def contains(self, key: CacheKey) -> bool:
         return (await self.batch_contains([key]))[0]
@@ -301,6 +326,20 @@ class RedisBackend(Backend):
         for name in await self._guarded("scan", collect):
             yield name
 
+    async def _put_joined(self, client: Redis | RedisCluster, batch: list[tuple[bytes, list]]) -> None:
+        """SET each frame joined into one bytes object, as redis-py wants it (Redis Cluster:
+        its pipeline routes each key to its node and follows redirections)."""
+        if len(batch) == 1:
+            name, parts = batch[0]
+            await client.set(name, b"".join(parts), px=self.ttl_ms)
+            return
+        pipe = client.pipeline(transaction=False)
+        for name, parts in batch:
+            pipe.set(name, b"".join(parts), px=self.ttl_ms)
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception):
+                raise result
+
     @staticmethod
     async def _pipelined(client: Redis | RedisCluster, commands: list[tuple]) -> list:
         pipe = client.pipeline(transaction=False)
@@ -324,3 +363,20 @@ def _glob_escape(raw: bytes) -> bytes:
             out += b"\\"
         out.append(byte)
     return bytes(out)
+
+
+def _verified(
+    value: bytes | memoryview, key: CacheKey, running: frame.RunningCheck | None = None
+) -> MemoryObj | CorruptChunk:
+    """The chunk in ``value`` if its frame checks out and holds ``key``, else why not."""
+    try:
+        return frame.decode(value, expect_key=key, running=running)
+    except CorruptChunk as exc:
+        return exc
+
+
+class _UnfilledBuffers(ReadBuffers):
+    """Receive buffers whose pages are not zeroed first: the socket writes every byte."""
+
+    def make(self, size: int):
+        return torch.empty(size, dtype=torch.uint8).numpy()

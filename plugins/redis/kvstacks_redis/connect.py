@@ -1,4 +1,5 @@
-"""Options of the redis tier, and how they become a redis-py asyncio client.
+"""Options of the redis tier, and how they become redis-py clients (asyncio for the
+tier's commands, synchronous for the worker threads that move values).
 
 Secrets never sit in the YAML: ``username_env``/``password_env`` name environment
 variables, read when the client is built. A URL that carries a password is refused,
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+import redis
+import redis.retry
+import redis.sentinel
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError
 from redis.asyncio import Redis
@@ -46,16 +50,18 @@ class RedisOptions:
     prefix: str = "kvstacks:"
     #: seconds a chunk lives in Redis after it is written (none: until evicted or removed)
     ttl: float | None = None
-    #: connections per server, and how many calls may be in flight at once
+    #: connections per server for commands, and how many calls may be in flight at once;
+    #: as many again (standalone, Sentinel), each with a worker thread, move values
     pool_size: int = 8
     connect_timeout: float = 1.0
     #: seconds any single read or write on a socket may take before the call fails
     timeout: float = 10.0
-    #: a batch is sent as pipelines of at most this many bytes each
+    #: in cluster mode a batch is sent as pipelines of at most this many bytes each
     pipeline_bytes: Size = Size(64 << 20)
     #: idle receive buffers kept for the next reads (after the engine releases a chunk);
-    #: keep room for the chunks of one prefix (8 x 32 MiB chunks need 256 MiB)
-    read_buffers: Size = Size(256 << 20)
+    #: keep room for the chunks of one prefix (8 frames of 32 MiB chunks need a little
+    #: over 256 MiB: each frame is a header and a checksum longer)
+    read_buffers: Size = Size(264 << 20)
     #: consecutive connection failures that open the circuit breaker
     breaker_failures: int = 3
     #: first wait (seconds) before probing a dead server; doubles each failed probe
@@ -172,14 +178,36 @@ def build_client(o: RedisOptions) -> Redis | RedisCluster:
         )
     no_retry = Retry(NoBackoff(), 0)
     if o.mode == "sentinel":
-        parts = urlsplit(o.url)
-        addresses = [(parts.hostname, parts.port or 26379)] + [_host_port(a, "sentinels") for a in o.sentinels]
-        path = parts.path.strip("/")
-        db = int(path) if path.isdigit() else 0
-        sentinel_kw = {k: v for k, v in kw.items() if k.startswith(("socket_", "ssl"))}
-        if parts.scheme == "rediss":
-            sentinel_kw["ssl"] = True
-            kw["ssl"] = True
+        addresses, sentinel_kw, db = _sentinel_setup(o, kw)
         sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_kw, retry=no_retry, db=db, **kw)
         return sentinel.master_for(o.service, max_connections=o.pool_size, retry=no_retry)
     return Redis.from_url(o.url, max_connections=o.pool_size, retry=no_retry, **kw)
+
+
+def build_sync_client(o: RedisOptions) -> redis.Redis | None:
+    """A synchronous client to the same server for the tier's worker threads (``lanes.py``),
+    with ``pool_size`` connections of its own; None in cluster mode, where values go
+    through redis-py's cluster pipeline. It connects lazily too."""
+    validate(o)
+    if o.mode == "cluster":
+        return None
+    kw = connection_kwargs(o)
+    no_retry = redis.retry.Retry(NoBackoff(), 0)
+    if o.mode == "sentinel":
+        addresses, sentinel_kw, db = _sentinel_setup(o, kw)
+        sentinel = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kw, retry=no_retry, db=db, **kw)
+        return sentinel.master_for(o.service, max_connections=o.pool_size, retry=no_retry)
+    return redis.Redis.from_url(o.url, max_connections=o.pool_size, retry=no_retry, **kw)
+
+
+def _sentinel_setup(o: RedisOptions, kw: dict[str, Any]) -> tuple[list[tuple[str, int]], dict[str, Any], int]:
+    """The sentinels' addresses, the options to reach them and the db; sets TLS in ``kw``."""
+    parts = urlsplit(o.url)
+    addresses = [(parts.hostname, parts.port or 26379)] + [_host_port(a, "sentinels") for a in o.sentinels]
+    path = parts.path.strip("/")
+    db = int(path) if path.isdigit() else 0
+    sentinel_kw = {k: v for k, v in kw.items() if k.startswith(("socket_", "ssl"))}
+    if parts.scheme == "rediss":
+        sentinel_kw["ssl"] = True
+        kw["ssl"] = True
+    return addresses, sentinel_kw, db
