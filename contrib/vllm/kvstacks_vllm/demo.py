@@ -7,6 +7,7 @@ second vLLM process, started afterwards on the same folder, answers it warm from
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -23,14 +24,19 @@ def run_demo(prompt_tokens: int = 2000, cache_dir: Path | str | None = None, rep
         raise ValueError(f"--tokens must be between 2 and 4000 with vLLM (max_model_len 4096); got {prompt_tokens}")
     echo("building or finding the SmolLM2 folder vLLM loads ...")
     model = str(build_model_folder())
+    # vLLM's log outlives the demo's scratch folder when a vLLM process fails: the error names it.
+    log = Path(tempfile.gettempdir()) / f"kvstacks-demo-vllm-{os.getpid()}.log"
     with tempfile.TemporaryDirectory(prefix="kvstacks-demo-vllm-") as scratch:
         folder = Path(cache_dir) if cache_dir is not None else Path(scratch) / "disk"
-        log = Path(scratch) / "vllm.log"
+        if cache_dir is not None:
+            empty_disk_tier(folder)  # chunks of an earlier demo would make the cold run warm
         spec = {"model": model, "disk": str(folder), "tokens": prompt_tokens, "repeats": max(3, repeats), "turns": 0}
-        echo("vLLM process 1: cold (computed, then stored), then warm from the CPU tier (about a minute to start) ...")
+        echo("vLLM process 1: cold (computed, then stored), then warm from the CPU tier "
+             "(a vLLM engine takes a minute or more to start) ...")
         first = run_in_process("kvstacks-cpu", spec, log)
         echo("vLLM process 2, started afresh on the same folder: warm from disk ...")
         second = run_in_process("kvstacks-disk", spec, log)
+    log.unlink(missing_ok=True)
     ttft = {"cold": first["first_s"], "cpu": first["warm_s"], "disk": second["warm_s"]}
     tokens = first["first_tokens"] + first["warm_tokens"] + second["warm_tokens"]
     return {
@@ -43,6 +49,17 @@ def run_demo(prompt_tokens: int = 2000, cache_dir: Path | str | None = None, rep
         "repeats": spec["repeats"],
         "engine_start_s": {"first": first["engine_start_s"], "second": second["engine_start_s"]},
     }
+
+
+def empty_disk_tier(folder: Path) -> None:
+    """Remove every chunk the disk tier keeps in ``folder`` (and nothing else there)."""
+    from kvstacks import CacheEngine
+
+    engine = CacheEngine.from_config({"stack": [{"backend": "disk", "path": str(folder), "capacity": "8GiB"}]})
+    try:
+        engine.clear()
+    finally:
+        engine.close()
 
 
 def render(result: dict[str, Any]) -> str:
