@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm import __version__ as vllm_version
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -32,6 +33,7 @@ from vllm.logger import init_logger
 
 from kvstacks_vllm.lookup import LookupClient, LookupServer, socket_path
 from kvstacks_vllm.paged import LayerKV, PagedKV
+from kvstacks_vllm.probe import cpu_layout_matches
 from kvstacks_vllm.stack import engine_for, stack_config
 
 if TYPE_CHECKING:
@@ -97,6 +99,7 @@ class KVStacksConnector(KVConnectorBase_V1):
             model = vllm_config.model_config
             self._num_kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
             self._head_size = model.get_head_size()
+            self._kv_cache_dtype = vllm_config.cache_config.cache_dtype
             self.engine = engine_for(self._config, rank=rank, world_size=world)
             self._paged: PagedKV | None = None
             self._staging: torch.Tensor | None = None
@@ -172,7 +175,7 @@ class KVStacksConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def _lookup(self, tokens: np.ndarray) -> int:
-        return self.engine.lookup(tokens)
+        return self.engine.lookup(tokens) if self._paged is not None else 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         def layer_index(name: str) -> int:
@@ -180,6 +183,14 @@ class KVStacksConnector(KVConnectorBase_V1):
             return int(numbers[0]) if numbers else 0
 
         names = sorted(kv_caches, key=layer_index)
+        first = kv_caches[names[0]]
+        if first.device.type == "cpu" and first.dim() == 4 and not cpu_layout_matches(
+                self._block_size, self._num_kv_heads, self._head_size, first.dtype, self._kv_cache_dtype):
+            # Loads would misplace tokens inside a block: better no cache than a wrong answer.
+            log.error("kvstacks: vLLM's CPU attention kernel keeps a KV layout inside a block that this "
+                      "kvstacks-vllm does not read right (vLLM %s); the connector loads and stores nothing",
+                      vllm_version)
+            return
         layers = [LayerKV.from_cache(kv_caches[n], self._block_size, self._num_kv_heads, self._head_size) for n in names]
         self._paged = PagedKV(layers, self._block_size, self._num_kv_heads, self._head_size)
 
@@ -194,6 +205,8 @@ class KVStacksConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStacksMetadata)
+        if self._paged is None:
+            return  # disabled: its lookups answered 0, so nothing was planned to load
         for load in meta.loads:
             loaded = load.start
             try:
@@ -219,6 +232,8 @@ class KVStacksConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVStacksMetadata)
+        if self._paged is None:
+            return
         for save in meta.saves:
             try:
                 kv = self._paged.gather(save.block_ids, save.start, save.end, self._buffer(save.end))

