@@ -31,11 +31,16 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("KVSTACKS_WORKER_TOKEN", "bench-" + os.urandom(8).hex())
 os.environ.setdefault("KVSTACKS_ADMIN_TOKEN", "bench-" + os.urandom(8).hex())
 
 import torch  # noqa: E402  (before nixl, which is handed tensors)
+from kvstacks_nixl.channel import ucx_environment  # noqa: E402
+
+# Before this process's first NIXL agent (the raw one comes before the channel's) and for the
+# child processes, which inherit it: loopback, and no EFA module, whose second libnl would crash
+# every process here at exit.
+ucx_environment()
 
 MiB = 1 << 20
 SIZES = (8 * MiB, 32 * MiB)

@@ -110,6 +110,21 @@ def wait_until(ready: Callable[[], bool], deadline: float) -> bool:
     return True
 
 
+def ucx_environment(net_devices: str = "lo", modules: str = "^efa") -> None:
+    """Set ``UCX_NET_DEVICES`` and ``UCX_MODULES`` unless the environment sets them already.
+
+    UCX reads them once, when it loads with the process's first NIXL agent: call this before
+    that agent is made. ``^efa`` keeps UCX's EFA module out. That module links the system's
+    ``libefa``, which the nixl-cu12 wheel does not bundle; where rdma-core is installed it
+    brings the system's ``libibverbs`` and ``libnl-route-3`` beside the wheel's own copies. The
+    system copy's calls bind to the wheel's copy, so at exit its destructors unregister
+    traffic-control ops the wheel's copy never registered (same names, registered first) and the
+    process dies with SIGSEGV (exit code 139) after all its work, whatever was closed.
+    """
+    os.environ.setdefault("UCX_NET_DEVICES", net_devices)
+    os.environ.setdefault("UCX_MODULES", modules)
+
+
 class _StaleConnection(Exception):
     """A pooled connection the receiver closed before this transfer reached it."""
 
@@ -125,6 +140,9 @@ class NixlChannel(TransferChannel):
         #: UCX_NET_DEVICES when the environment does not set it: loopback keeps UCX off the network.
         net_devices: str = "lo"
         backends: str = "UCX"
+        #: UCX_MODULES when the environment does not set it: UCX's EFA module would load a second
+        #: libnl that crashes the process at exit (see ``ucx_environment``).
+        ucx_modules: str = "^efa"
         max_chunks: int = 1 << 16
         max_transfer_bytes: Size = Size(16 << 30)
         #: Registered receive buffers kept for the next transfers.
@@ -156,7 +174,7 @@ class NixlChannel(TransferChannel):
     def agent(self) -> Any:
         with self._agent_lock:
             if self._agent is None:
-                os.environ.setdefault("UCX_NET_DEVICES", self.options.net_devices)
+                ucx_environment(self.options.net_devices, self.options.ucx_modules)
                 try:
                     from nixl._api import nixl_agent, nixl_agent_config
                 except ImportError as exc:
