@@ -33,7 +33,7 @@ from vllm.logger import init_logger
 
 from kvstacks_vllm.lookup import LookupClient, LookupServer, socket_path
 from kvstacks_vllm.paged import LayerKV, PagedKV
-from kvstacks_vllm.probe import cpu_layout_matches
+from kvstacks_vllm.probe import cpu_attn_isa, cpu_layout_matches
 from kvstacks_vllm.stack import engine_for, stack_config
 
 if TYPE_CHECKING:
@@ -184,14 +184,19 @@ class KVStacksConnector(KVConnectorBase_V1):
 
         names = sorted(kv_caches, key=layer_index)
         first = kv_caches[names[0]]
-        if first.device.type == "cpu" and first.dim() == 4 and not cpu_layout_matches(
-                self._block_size, self._num_kv_heads, self._head_size, first.dtype, self._kv_cache_dtype):
-            # Loads would misplace tokens inside a block: better no cache than a wrong answer.
-            log.error("kvstacks: vLLM's CPU attention kernel keeps a KV layout inside a block that this "
-                      "kvstacks-vllm does not read right (vLLM %s); the connector loads and stores nothing",
-                      vllm_version)
-            return
-        layers = [LayerKV.from_cache(kv_caches[n], self._block_size, self._num_kv_heads, self._head_size) for n in names]
+        isa = "vec"
+        if first.device.type == "cpu" and first.dim() == 4:
+            # The layout inside a CPU block is the attention kernel's, chosen per ISA.
+            isa = cpu_attn_isa(first.dtype, self._block_size, self._head_size, self._kv_cache_dtype)
+            if not cpu_layout_matches(self._block_size, self._num_kv_heads, self._head_size, first.dtype, isa):
+                # Loads would misplace tokens inside a block: better no cache than a wrong answer.
+                log.error("kvstacks: vLLM's CPU attention kernel (%s) keeps a KV layout inside a block that "
+                          "this kvstacks-vllm does not read right (vLLM %s); the connector loads and stores "
+                          "nothing", isa, vllm_version)
+                return
+            log.info("kvstacks: reading vLLM's CPU KV blocks as its %s attention kernel lays them out", isa)
+        layers = [LayerKV.from_cache(kv_caches[n], self._block_size, self._num_kv_heads, self._head_size, isa)
+                  for n in names]
         self._paged = PagedKV(layers, self._block_size, self._num_kv_heads, self._head_size)
 
     def _buffer(self, tokens: int) -> torch.Tensor:

