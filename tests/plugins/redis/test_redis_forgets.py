@@ -62,7 +62,9 @@ def test_flushall_and_a_restart_then_storing_again_repopulates_redis(own_redis):
 
 
 def test_keys_redis_evicted_under_maxmemory_are_written_again(own_redis):
-    server = own_redis("--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru")
+    # Redis's LRU is sampled: with the default 5 samples a chunk of the oldest prompt survived
+    # once in CI. 64 samples over these ~64 keys make it the exact order the test relies on.
+    server = own_redis("--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lru", "--maxmemory-samples", "64")
     # 256 KiB chunks, a 1 MiB cpu tier: 32 two-chunk prompts are 16 MiB, twice what Redis may keep.
     with CacheEngine.from_config(stack(server.url, "lru:", cpu="1MiB")) as engine:
         prompts = [prompt(seed, 32, 2048) for seed in range(32)]
