@@ -20,6 +20,10 @@ chunk crosses processes over TCP on loopback. Each repeat uses fresh keys (Moonc
 existing value, so a put of a present key would cost nothing) and removes them afterwards.
 Figures are medians in GB/s of KV bytes; the ratio is ours over raw. ``--parts 1,2,8``
 measures the tier with each of those ``pipeline_parts`` in the same run, rotated with raw.
+Each is measured twice: ``N`` hashes every frame at put (a chunk handed over as it lies),
+``N+check`` puts chunks that carry their frame check, as a cpu tier above hands them over
+(it hashes each chunk while copying it in: ``kvstacks.frame.copy_checked``; that cost
+belongs to the cpu tier's store and is not timed here).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import torch  # noqa: E402
+from kvstacks import frame  # noqa: E402
 from kvstacks.keys import CacheKey  # noqa: E402
 from kvstacks.memory import MemoryObj  # noqa: E402
 from kvstacks_mooncake import MooncakeBackend  # noqa: E402
@@ -95,9 +100,15 @@ def raw_round(store, names: list[str], src: list[torch.Tensor], dst: list[torch.
     return t1 - t0, t2 - t1
 
 
-async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor]) -> tuple[float, float]:
+async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor],
+                    carried: bool = False) -> tuple[float, float]:
     keys = [CacheKey(model, "kv", 1, 0, uuid.uuid4().bytes) for _ in src]
     items = [(k, MemoryObj.from_kv(k, t)) for k, t in zip(keys, src)]
+    if carried:
+        # what a cpu tier above hands over: the check computed as it copied the chunk in
+        # (that cost is the cpu store's, measured by vs_lmcache.py --only cpu), not timed here
+        for _, obj in items:
+            obj.check = int.from_bytes(frame.checksum(frame.header(obj), obj.payload()), "little")
     t0 = time.perf_counter()
     await backend.batch_put(items)
     t1 = time.perf_counter()
@@ -129,7 +140,7 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
         for t in dst:
             assert store.register_buffer(t.data_ptr(), t.numel()) == 0
         nbytes = sum(t.numel() * t.element_size() for t in src)
-        systems: list[str | int] = ["raw", *parts]
+        systems: list[str | int] = ["raw", *parts, *(f"{p}+check" for p in parts)]
         runs: dict[str, list[float]] = {f"{who} {op}": [] for who in systems for op in ("put", "get")}
         # the tier registers the source chunks where they lie on its first put; raw sends from the same memory
         await our_round(backend, "warm", src)
@@ -140,8 +151,8 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
                 if who == "raw":
                     put, get = raw_round(store, [f"raw-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)
                 else:
-                    backend.options.pipeline_parts = who
-                    put, get = await our_round(backend, f"bench-{r}", src)
+                    backend.options.pipeline_parts = int(str(who).split("+")[0])
+                    put, get = await our_round(backend, f"bench-{r}", src, carried=str(who).endswith("+check"))
                 runs[f"{who} put"].append(nbytes / put / 1e9)
                 runs[f"{who} get"].append(nbytes / get / 1e9)
         for t in dst:
@@ -181,7 +192,7 @@ def main() -> None:
                     m = asyncio.run(measure(address, mode, size, args.batch, args.repeats, parts))
                     for op in ("put", "get"):
                         raw = m[f"raw {op}"]
-                        for p in parts:
+                        for p in [*parts, *(f"{p}+check" for p in parts)]:
                             ours = m[f"{p} {op}"]
                             print(f"| {mode} | {size} MiB | {op} | {raw:.2f} | {p} | {ours:.2f} | {ours / raw:.0%} |",
                                   flush=True)

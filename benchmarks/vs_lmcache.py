@@ -9,13 +9,17 @@ medians over rounds, ratios are taken within a round.
    after start and, for kvstacks, again after its pre-faulting finished; LMCache's
    ``LocalCPUBackend`` (allocate + copy + put) from a fresh start; baseline: two
    torch copies of the same bytes into warm buffers. Also the p50 of one chunk's
-   store on a fresh pool and on a warm one.
+   store on a fresh pool and on a warm one. ``ours-prefaulted+checks`` stores as a cpu
+   tier does when a tier below writes frames: copied in blocks, each hashed as it is
+   copied (the frame check the lower tiers then reuse).
 2. redis: ``batch_put`` / ``batch_get`` (+ release) of the same chunks on one
    ``redis-server`` against LMCache's native RESP client (``resp://``:
    ``batch_set_sync`` / ``batch_get_sync`` into preallocated buffers) and raw
-   redis-py pipelines of SET / GET. Every client stays open across rounds, as in a
-   server (warm connections; LMCache reads into the same buffers each round, kvstacks
-   into the read buffers the last round released), after one round not counted.
+   redis-py pipelines of SET / GET. ``ours+check``: the chunks carry their frame check,
+   as a cpu tier above hands them over (computed while copying them in, see 1). Every
+   client stays open across rounds, as in a server (warm connections; LMCache reads
+   into the same buffers each round, kvstacks into the read buffers the last round
+   released), after one round not counted.
 3. disk: cold reads (page cache dropped) of the same chunks: ``retrieve(out=)`` on a
    disk-only stack against LMCache's ``LocalDiskBackend.batched_get_blocking`` (into
    its pre-faulted cpu pool) and ``dd iflag=direct``.
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from kvstacks import frame
 from kvstacks.keys import CacheKey
 from kvstacks.memory import MemoryObj
 
@@ -250,11 +255,15 @@ def gbps(nbytes: float, seconds: float) -> float:
 
 # -- cpu ------------------------------------------------------------------------------------------
 
-def ours_cpu_fill(chunks: list[torch.Tensor], wait: bool) -> dict:
-    """A fresh cpu backend started as a tier starts it, then one pass of stores (and a warm one)."""
+def ours_cpu_fill(chunks: list[torch.Tensor], wait: bool, checks: bool = False) -> dict:
+    """A fresh cpu backend started as a tier starts it, then one pass of stores (and a warm one).
+
+    ``checks``: as the engine sets it up when a tier below writes frames (``carry_checks``):
+    each chunk is copied in blocks and hashed as it is copied."""
     from kvstacks_cpu import CpuBackend
 
     backend = CpuBackend()
+    backend.carry_checks = checks
     backend.capacity = int(1.05 * len(chunks) * CHUNK_BYTES)
     t0 = time.perf_counter()
     asyncio.run(backend.start())
@@ -298,7 +307,7 @@ def bench_cpu(rounds: int, n: int, lmcache: LMCache | None) -> None:
 
     for r in range(rounds):
         results: dict[str, float] = {}
-        systems = ["ours-now", "ours-prefaulted", "baseline"] + (["lmcache"] if lmcache else [])
+        systems = ["ours-now", "ours-prefaulted", "ours-prefaulted+checks", "baseline"] + (["lmcache"] if lmcache else [])
         for system in rotated(systems, r):
             if system == "baseline":
                 results["baseline"] = gbps(nbytes, two_copies(chunks))
@@ -306,7 +315,7 @@ def bench_cpu(rounds: int, n: int, lmcache: LMCache | None) -> None:
             if system == "lmcache":
                 got = lmcache("cpu_fill", layers=LAYERS, tokens=TOKENS, hidden=HIDDEN, n=n, repeat=2)
             else:
-                got = ours_cpu_fill(chunks, wait=system == "ours-prefaulted")
+                got = ours_cpu_fill(chunks, wait=system != "ours-now", checks=system.endswith("+checks"))
             fresh, warm = got["passes"]
             results[system] = gbps(nbytes, sum(fresh))
             add(rows, f"{system} start s", got["start"])
@@ -339,14 +348,21 @@ class OursRedis:
         self.backend = RedisBackend(RedisOptions(url=url, prefix="bench:", timeout=300))
         self.chunks = chunks
         self.items = [(k, MemoryObj(k, c, CHUNK_SHAPE, torch.float16)) for k, c in zip(keys(len(chunks)), chunks)]
+        # The same chunks as a cpu tier above hands them over: carrying the frame check it
+        # computed while copying them in (that cost is the cpu store's, measured above).
+        self.carried = []
+        for k, c in zip(keys(len(chunks)), chunks):
+            obj = MemoryObj(k, c, CHUNK_SHAPE, torch.float16)
+            obj.check = int.from_bytes(frame.checksum(frame.header(obj), *obj.payload_runs()), "little")
+            self.carried.append((k, obj))
 
     async def start(self) -> None:
         await self.backend.start()
 
-    async def round(self) -> tuple[float, float]:
+    async def round(self, carried: bool = False) -> tuple[float, float]:
         backend = self.backend
         t = time.perf_counter()
-        await backend.batch_put(self.items)
+        await backend.batch_put(self.carried if carried else self.items)
         put = time.perf_counter() - t
         t = time.perf_counter()
         got = await backend.batch_get([k for k, _ in self.items])
@@ -409,14 +425,14 @@ def bench_redis(rounds: int, n: int, lmcache: LMCache | None) -> None:
             loop.run_until_complete(ours.start())
 
             def run(system: str) -> tuple[float, float]:
-                if system == "ours":
-                    return loop.run_until_complete(ours.round())
+                if system.startswith("ours"):
+                    return loop.run_until_complete(ours.round(carried=system == "ours+check"))
                 if system == "redis-py":
                     return loop.run_until_complete(raw.round())
                 got = lmcache("resp", host=host, port=int(port), n=n, nbytes=CHUNK_BYTES, threads=8)
                 return got["put"], got["get"]
 
-            systems = ["ours", "redis-py"] + (["lmcache resp"] if lmcache else [])
+            systems = ["ours", "ours+check", "redis-py"] + (["lmcache resp"] if lmcache else [])
             for system in systems:  # a round not counted: connections open, buffers faulted in
                 run(system)
             for r in range(rounds):
@@ -426,9 +442,10 @@ def bench_redis(rounds: int, n: int, lmcache: LMCache | None) -> None:
                 for system, (put, get) in results.items():
                     rows.setdefault(f"{system} put GB/s", []).append(gbps(nbytes, put))
                     rows.setdefault(f"{system} get GB/s", []).append(gbps(nbytes, get))
-                for other in [s for s in results if s != "ours"]:
-                    for i, what in enumerate(("put", "get")):
-                        ratios.setdefault(f"ours / {other} {what}", []).append(results[other][i] / results["ours"][i])
+                for mine in ("ours", "ours+check"):
+                    for other in [s for s in results if not s.startswith("ours")]:
+                        for i, what in enumerate(("put", "get")):
+                            ratios.setdefault(f"{mine} / {other} {what}", []).append(results[other][i] / results[mine][i])
         finally:
             loop.run_until_complete(ours.close())
             loop.run_until_complete(raw.close())

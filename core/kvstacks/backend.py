@@ -134,6 +134,12 @@ class InProcessBackend(Backend):
     caller's thread, so a hit in this tier costs no thread hop and no event loop.
     """
 
+    #: Set by the engine when a tier below writes this tier's objects as frames as they are
+    #: (same coding): a backend that copies chunks in may then compute each copy's frame
+    #: check while copying (``kvstacks.frame.copy_checked``) and set ``MemoryObj.check`` on
+    #: the object it stores, so those tiers need not read the chunk again to hash it.
+    carry_checks: bool = False
+
     def put_now(self, key: CacheKey, obj: MemoryObj) -> None:
         raise NotImplementedError
 

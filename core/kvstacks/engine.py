@@ -72,6 +72,13 @@ class CacheEngine:
         for tier in self.tiers:
             tier.on_lost = lambda keys, tier=tier: self._lost(tier, keys)
         self._write_back = config.write_mode == "back" and len(self.tiers) > 1
+        top = self.tiers[0]
+        if top.in_process:
+            # Tiers below that write the top tier's objects unchanged take the frame check the
+            # top tier computed as it copied each chunk in, instead of reading the chunk again.
+            top.backend.carry_checks = any(
+                not t.in_process and not t.read_only and t.compressor.name == top.compressor.name for t in self.tiers[1:]
+            )
         self.io = IOLoop()
         try:
             self.io.run(self._start())
@@ -194,8 +201,8 @@ class CacheEngine:
 
     @staticmethod
     def _stable(view: MemoryObj) -> MemoryObj:
-        """A copy the caller cannot change after ``store`` returns."""
-        return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor)
+        """A copy the caller cannot change after ``store`` returns (same bytes: the check carries over)."""
+        return MemoryObj(view.key, view.data.clone(), view.shape, view.dtype, view.compressor, view.check)
 
     def _put_top(self, key: CacheKey, view: MemoryObj, evicted_keys: list[CacheKey]) -> bool:
         """Write to an in-process top tier at once; False if it refused or failed (counted, logged).

@@ -16,6 +16,12 @@ Layout, little-endian::
     check   u64  xxh3_64 of everything above
 
 A truncated or corrupted frame raises CorruptChunk. Nothing here unpickles.
+
+The check is computed once per chunk where its bytes are hot: ``copy_checked`` copies a
+chunk in blocks and hashes each block right after copying it (the cpu tier stores that
+way when a tier below writes frames), and the object carries the result
+(``MemoryObj.check``). Every writer below sends the carried check instead of reading the
+whole payload from memory a second time; the frame's bytes are the same either way.
 """
 
 from __future__ import annotations
@@ -24,18 +30,22 @@ import struct
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import xxhash
 
 from kvstacks.errors import CorruptChunk
 from kvstacks.keys import CacheKey
-from kvstacks.memory import DTYPE_FROM_CODE, DTYPES, MemoryObj
+from kvstacks.memory import DTYPE_FROM_CODE, DTYPES, MemoryObj, contiguous_runs
 
 MAGIC = b"KVSC"
 VERSION = 1
 _FIXED = struct.Struct("<4sBBBBHQ")
 _CHECK = struct.Struct("<Q")
 MAX_NDIM = 8
+#: bytes ``copy_checked`` copies before hashing them: the block is still in the core's L2
+#: (2 MiB here) when it is hashed, so the check costs a fraction of a pass over memory
+BLOCK = 256 << 10
 
 # Decoded chunks are only ever read (the engine copies them out), so a tensor over a
 # read-only buffer (redis returns bytes) is safe and saves a copy of every payload.
@@ -58,15 +68,64 @@ def encode_parts(obj: MemoryObj) -> list[bytes | memoryview]:
     """The frame as parts to write one after another (no copy of the payload)."""
     head = header(obj)
     payload = obj.payload()
-    return [head, payload, checksum(head, payload)]
+    return [head, payload, check_field(obj, head, payload)]
+
+
+def check_field(obj: MemoryObj, head: bytes, *payload: bytes | memoryview) -> bytes:
+    """The frame's last field: the check ``obj`` carries, else computed over ``head`` and ``payload``."""
+    if obj.check is not None:
+        return _CHECK.pack(obj.check)
+    return checksum(head, *payload)
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, head: bytes) -> int:
+    """Copy ``src`` into ``dst`` (contiguous, same shape and dtype); return the frame check of
+    ``head`` followed by the copied bytes (``MemoryObj.check`` of the copy).
+
+    The copy goes in ``BLOCK``-sized pieces, each hashed right after it was copied, while it
+    is still in the cache: one pass over memory where a copy and a later check take two.
+    The hash reads the copy, not the source, so it covers exactly the bytes ``dst`` holds.
+    """
+    out = dst.reshape(-1).view(torch.uint8)
+    check = xxhash.xxh3_64(head)
+    runs = contiguous_runs(src, BLOCK // 4) if src.device.type == "cpu" else None
+    if runs is None:
+        # short runs (a gather is cheaper in one torch copy) or another device: copy, then hash
+        dst.copy_(src)
+        flat = out.numpy()
+        for start in range(0, len(flat), BLOCK):
+            check.update(flat[start : start + BLOCK])
+        return check.intdigest()
+    flat = out.numpy()
+    offset = 0
+    for run in runs:
+        piece = run.reshape(-1).view(torch.uint8).numpy()
+        for start in range(0, len(piece), BLOCK):
+            part = piece[start : start + BLOCK]
+            block = flat[offset : offset + len(part)]
+            # numpy's copy is one thread and releases the GIL (torch's waits on OpenMP
+            # threads, which measured far slower than one thread in blocks this size)
+            np.copyto(block, part)
+            check.update(block)
+            offset += len(part)
+    return check.intdigest()
 
 
 def encode_streamed(obj: MemoryObj) -> tuple[int, Iterator[bytes | memoryview]]:
     """The frame's size, and its parts as they are consumed: the payload as its contiguous
     runs (``MemoryObj.payload_runs``, so not even a sliced chunk is copied), the checksum
-    computed run by run on the way. A sender that sends each run right after it was
+    computed run by run on the way (or the one the object carries). A sender that sends each run right after it was
     hashed starts at once and reads the run again while it is still in the cache."""
     head = header(obj)
+    if obj.check is not None:
+        carried = _CHECK.pack(obj.check)
+
+        def sent() -> Iterator[bytes | memoryview]:
+            yield head
+            yield from obj.payload_runs()
+            yield carried
+
+        return len(head) + obj.nbytes + _CHECK.size, sent()
 
     def parts() -> Iterator[bytes | memoryview]:
         check = xxhash.xxh3_64(head)

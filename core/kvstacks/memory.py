@@ -25,6 +25,14 @@ class MemoryObj:
     ``data`` is the KV tensor ``shape``/``dtype`` itself when ``compressor`` is
     ``"none"``, else a 1-D uint8 tensor of the compressor's payload. ``shape`` and
     ``dtype`` always describe the decoded KV ``[2, layers, tokens, hidden]``.
+
+    ``check``, when not None, is this object's frame checksum (``kvstacks.frame``: xxh3_64
+    of its header and payload), computed by whoever last wrote ``data`` while the bytes
+    were still in the cache (the cpu tier, as it copies a chunk in). Every tier that
+    writes the object's frame uncompressed sends it instead of reading the payload again.
+    Whoever changes ``data``'s bytes (or hands its buffer to someone who may) sets it to
+    None. A wrong value is still safe: the frame then fails its check on read, a miss
+    counted corrupt, never wrong bytes served.
     """
 
     key: CacheKey
@@ -32,6 +40,7 @@ class MemoryObj:
     shape: tuple[int, ...]
     dtype: torch.dtype
     compressor: str = "none"
+    check: int | None = None
 
     @classmethod
     def from_kv(cls, key: CacheKey, kv: torch.Tensor) -> MemoryObj:
@@ -71,19 +80,27 @@ class MemoryObj:
         data = self.data
         if data.is_contiguous():
             return [self.payload()]
-        # the trailing dimensions laid out contiguously (a dimension of 1 has any stride)
-        split, inner = data.dim(), 1
-        for d in range(data.dim() - 1, -1, -1):
-            if data.shape[d] != 1 and data.stride(d) != inner:
-                break
-            inner *= data.shape[d]
-            split = d
-        if inner * data.element_size() < min_run:
+        runs = contiguous_runs(data, min_run)
+        if runs is None:
             return [self.payload()]
-        return [
-            memoryview(data[index].reshape(-1).view(torch.uint8).numpy())
-            for index in itertools.product(*(range(n) for n in data.shape[:split]))
-        ]
+        return [memoryview(run.reshape(-1).view(torch.uint8).numpy()) for run in runs]
+
+
+def contiguous_runs(data: torch.Tensor, min_run: int = 1 << 16) -> list[torch.Tensor] | None:
+    """``data``'s elements in order as contiguous tensors (views, no copy), or None when its
+    contiguous runs are shorter than ``min_run`` bytes (then a gathering copy is cheaper)."""
+    if data.is_contiguous():
+        return [data]
+    # the trailing dimensions laid out contiguously (a dimension of 1 has any stride)
+    split, inner = data.dim(), 1
+    for d in range(data.dim() - 1, -1, -1):
+        if data.shape[d] != 1 and data.stride(d) != inner:
+            break
+        inner *= data.shape[d]
+        split = d
+    if inner * data.element_size() < min_run:
+        return None
+    return [data[index] for index in itertools.product(*(range(n) for n in data.shape[:split]))]
 
 
 def check_kv(kv: object, num_tokens: int | None = None) -> torch.Tensor:

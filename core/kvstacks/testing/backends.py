@@ -16,6 +16,7 @@ try:
 except ImportError as exc:  # the backend kit's tests are coroutines
     raise ImportError("kvstacks.testing.BackendConformance needs pytest-asyncio: pip install pytest-asyncio") from exc
 
+from kvstacks import frame
 from kvstacks.backend import Backend, InProcessBackend
 from kvstacks.frame import frame_size
 from kvstacks.keys import CacheKey
@@ -66,11 +67,15 @@ class BackendConformance:
 
     Optional: define ``corrupt(self, backend, key)`` (sync or async) that damages the
     stored bytes of ``key``; the kit then checks that a corrupt chunk is a miss. Set
-    ``in_process = True`` for an ``InProcessBackend`` (the kit checks you did).
+    ``in_process = True`` for an ``InProcessBackend`` (the kit checks you did), and
+    ``frames = True`` for a backend that stores ``kvstacks.frame`` frames (the kit then
+    checks that it sends the check an object carries, ``MemoryObj.check``).
     """
 
     #: set True for an InProcessBackend: adds the thread and lease tests of its sync ``*_now`` methods
     in_process: bool = False
+    #: set True if the backend stores kvstacks frames: a stale carried check must then be a miss
+    frames: bool = False
     #: objects written at once by the concurrency tests
     concurrency: int = 64
     #: size of the one large object the kit stores (a 2x32x256x1024 fp16 chunk is 32 MiB)
@@ -332,6 +337,37 @@ class BackendConformance:
         fresh = raw_obj(key, random_kv(seed=72))
         await kit_backend.put(key, fresh)
         assert_same_obj(await _get(kit_backend, key), fresh, "rewriting a key that was corrupt")
+
+    # -- carried frame checks ----------------------------------------------------------
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "sliced"])
+    async def test_a_carried_check_never_serves_other_bytes(self, kit_backend: Backend, sliced: bool) -> None:
+        """An object may carry its frame check (``MemoryObj.check``, computed where its bytes
+        were copied in). A right one gives the object back; a stale one (the bytes changed
+        after it was computed) gives a miss (counted corrupt) or the bytes put, never others."""
+        def carrying(key: CacheKey, seed: int) -> MemoryObj:
+            kv = random_kv(2, 512 if sliced else 256, 128, torch.float16, seed=seed)
+            if sliced:  # 64 KiB runs of [k/v, layer] blocks, as a chunk cut out of a longer KV lies
+                kv = kv[:, :, 128:384]
+            obj = raw_obj(key, kv)
+            obj.check = int.from_bytes(frame.checksum(frame.header(obj), *obj.payload_runs()), "little")
+            return obj
+
+        key, stale_key = random_key(), random_key()
+        right = carrying(key, 90)
+        await kit_backend.put(key, right)
+        assert_same_obj(await _get(kit_backend, key), right, "an object carrying its frame check")
+        stale = carrying(stale_key, 91)
+        stale.data[1, 1, 3, 4] += 1  # changed after its check was computed, which it still carries
+        corrupt_before = kit_backend.corrupt_count
+        await kit_backend.put(stale_key, stale)
+        got = await _get(kit_backend, stale_key)
+        if self.frames:
+            assert got is None, "a frame sent with a stale carried check was served"
+            assert kit_backend.corrupt_count > corrupt_before, "a frame failing its check must count as corrupt"
+        elif got is not None:
+            assert_same_obj(got, stale, "an object whose carried check is stale")
 
     # -- concurrency ------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from kvstacks import frame
 from kvstacks.backend import InProcessBackend
 from kvstacks.config import Size
 from kvstacks.errors import ConfigError
@@ -97,11 +98,17 @@ class CpuBackend(InProcessBackend):
         buffer = self.pool.take(nbytes, src.dtype, src.shape)
         try:
             dst = buffer.typed(nbytes, src.dtype, src.shape)
-            dst.copy_(src)
+            stored = PooledObj(key, dst, obj.shape, obj.dtype, obj.compressor)
+            if self.carry_checks:
+                # hashed block by block as it is copied, while in cache: the tiers below
+                # send this check instead of reading the chunk from memory again
+                stored.check = frame.copy_checked(dst, src, frame.header(stored))
+            else:
+                dst.copy_(src)
         except BaseException:
             self.pool.give_back(buffer)
             raise
-        slot = _Slot(PooledObj(key, dst, obj.shape, obj.dtype, obj.compressor), buffer, nbytes)
+        slot = _Slot(stored, buffer, nbytes)
         with self._lock:
             old = self._slots.get(key)
             self._slots[key] = slot
@@ -135,6 +142,7 @@ class CpuBackend(InProcessBackend):
                 return
             del self._leased[ident]
             slot.obj = None  # type: ignore[assignment]
+            obj.check = None  # its buffer is about to hold another chunk
         self.pool.give_back(slot.buffer)
 
     def contains_now(self, key: CacheKey) -> bool:
@@ -183,6 +191,9 @@ class CpuBackend(InProcessBackend):
     def _retire(self, slot: _Slot) -> bool:
         """With the lock held: whether a slot leaving the map can be recycled now."""
         if slot.leases == 0:
+            # The buffer will hold other bytes: a stale reference to this object must not
+            # keep a check that no longer matches them.
+            slot.obj.check = None  # type: ignore[union-attr]
             return True
         obj = slot.obj
         ident = id(obj)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvstacks import frame
 from kvstacks.config import build_options
 from kvstacks.errors import ConfigError
 from kvstacks.memory import MemoryObj
@@ -222,3 +223,55 @@ async def test_pool_limit_overrides_the_capacity_as_the_idle_cap() -> None:
         pool.give_back(buffer)
     assert pool.stats().free_bytes == 1 << 20
     await backend.close()
+
+
+# -- frame checks computed while copying (carry_checks) ------------------------------
+
+
+def sliced_kv(seed: int) -> torch.Tensor:
+    return random_kv(2, 1024, 256, seed=seed)[:, :, 256:768]  # runs of 256 KiB, as a chunk of a longer KV
+
+
+def test_with_carry_checks_a_stored_chunk_carries_its_frame_check() -> None:
+    backend = CpuBackend()
+    backend.carry_checks = True
+    key = random_key()
+    kv = sliced_kv(1)
+    backend.put_now(key, raw_obj(key, kv))
+    stored = backend.get_now(key)
+    assert stored.check is not None
+    assert frame.encode(stored) == frame.encode(raw_obj(key, kv)), "the carried check is not the frame's"
+    assert bits(stored.data) == bits(kv)
+    backend.release_now(stored)
+
+
+def test_without_carry_checks_nothing_is_hashed(backend: CpuBackend) -> None:
+    key = random_key()
+    backend.put_now(key, raw_obj(key, sliced_kv(2)))
+    assert backend.get_now(key).check is None
+
+
+def test_a_recycled_buffer_leaves_no_check_behind() -> None:
+    """An object whose buffer goes back to the pool loses its check, whichever way it goes:
+    a stale reference must not send a check that no longer matches the buffer's bytes."""
+    backend = CpuBackend()
+    backend.carry_checks = True
+    key, other = random_key(), random_key()
+    backend.put_now(key, raw_obj(key, sliced_kv(3)))
+    leased = backend.get_now(key)
+    backend.remove_now(key)
+    assert leased.check is not None, "leased: its bytes cannot change, its check stays"
+    backend.release_now(leased)
+    assert leased.check is None, "released after removal: the buffer is recycled"
+    backend.put_now(other, raw_obj(other, sliced_kv(4)))  # takes that buffer
+    assert backend.pool_stats().reuses == 1
+    # overwritten and removed without leases: recycled at once
+    backend.put_now(key, raw_obj(key, sliced_kv(5)))
+    first = backend.get_now(key)
+    backend.release_now(first)
+    backend.put_now(key, raw_obj(key, sliced_kv(6)))
+    assert first.check is None
+    second = backend.get_now(key)
+    backend.release_now(second)
+    backend.clear_now()
+    assert second.check is None

@@ -22,6 +22,7 @@ from kvstacks_disk import backend as disk_module
 
 class TestDiskConformance(BackendConformance):
     o_direct: bool | None = None
+    frames = True
 
     @pytest_asyncio.fixture
     async def backend(self, tmp_path: Path) -> DiskBackend:

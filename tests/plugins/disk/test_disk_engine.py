@@ -162,3 +162,28 @@ def test_retrieve_into_out_falls_back_for_chunks_of_another_layout_and_drops_dam
         assert n == len(tokens) and bits(got) == bits(kv) and len(general) == 4
         got, n = engine.retrieve(tokens, out=wide)
         assert n == len(tokens) and bits(got) == bits(kv) and len(general) == 4
+
+
+def test_the_cpu_tier_hashes_what_the_disk_below_writes_and_the_files_are_the_same(tmp_path: Path) -> None:
+    """Over a disk tier that stores chunks as they are, the cpu tier computes each chunk's frame
+    check as it copies it in and the disk writes that check: the files are the frames of the
+    chunks, byte for byte. Over a disk tier that compresses, nothing is hashed ahead."""
+    config = {"model": "m", "chunk_size": CHUNK, "stack": [
+        {"backend": "cpu", "capacity": "16MiB"}, {"backend": "disk", "path": str(tmp_path)}]}
+    tokens, kv = tokens_and_kv(6)
+    with CacheEngine.from_config(config) as engine:
+        assert engine.tier("cpu").backend.carry_checks
+        engine.store(tokens, kv)
+        assert engine.flush(30)
+        keys = engine.chunk_keys(tokens)
+        for i, key in enumerate(keys):
+            part = kv[:, :, i * CHUNK : (i + 1) * CHUNK]
+            with open(chunk_path(str(tmp_path), key), "rb") as f:
+                assert f.read() == frame.encode(MemoryObj(key, part, tuple(part.shape), part.dtype))
+        assert engine.stats()["disk"]["corrupt"] == 0
+    compressed = {"model": "m", "chunk_size": CHUNK, "stack": [
+        {"backend": "cpu", "capacity": "16MiB"}, {"backend": "disk", "path": str(tmp_path / "z"), "compressor": "lz4"}]}
+    with CacheEngine.from_config(compressed) as engine:
+        assert not engine.tier("cpu").backend.carry_checks
+    with CacheEngine.from_config({"model": "m", "chunk_size": CHUNK, "stack": [{"backend": "cpu"}]}) as engine:
+        assert not engine.tier("cpu").backend.carry_checks

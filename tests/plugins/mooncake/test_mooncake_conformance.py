@@ -36,6 +36,7 @@ class TestMooncakeBackend(BackendConformance):
         return backend
 
     corrupt = staticmethod(flip_payload_byte)
+    frames = True
 
 
 class TestMooncakeTier(TierConformance):

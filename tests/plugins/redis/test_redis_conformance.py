@@ -28,6 +28,7 @@ class TestStandalone(BackendConformance):
         return backend
 
     corrupt = staticmethod(flip_payload_byte)
+    frames = True
 
 
 class TestUnixSocket(BackendConformance):
@@ -40,6 +41,7 @@ class TestUnixSocket(BackendConformance):
         return backend
 
     corrupt = staticmethod(flip_payload_byte)
+    frames = True
 
 
 class TestCluster(BackendConformance):
@@ -50,6 +52,7 @@ class TestCluster(BackendConformance):
         return backend
 
     corrupt = staticmethod(flip_payload_byte)
+    frames = True
 
 
 class TestSentinel(BackendConformance):
@@ -62,3 +65,4 @@ class TestSentinel(BackendConformance):
         return backend
 
     corrupt = staticmethod(flip_payload_byte)
+    frames = True
