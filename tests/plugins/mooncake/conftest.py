@@ -84,12 +84,27 @@ class MooncakeMaster:
             process.wait(timeout=10)
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until every thread has stopped: kill() returns before that, and under
+        load a request sent right after it was still answered (seen in CI)."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        deadline = time.monotonic() + 10
+        while not all(_stopped(task / "stat") for task in tasks.iterdir()):
+            assert time.monotonic() < deadline, "mooncake_master did not stop within 10 s of SIGSTOP"
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
+
+
+def _stopped(stat: Path) -> bool:
+    try:
+        # the state is the field after the command name, which ends with the last ')'
+        return stat.read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (FileNotFoundError, ProcessLookupError):
+        return True  # a thread that ended answers nothing either
 
 
 @pytest.fixture(scope="session")
