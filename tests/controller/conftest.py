@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from kvstacks.keys import chunk_hashes
+from kvstacks.testing import wait_for
 from kvstacks_controller.app import create_app
 from kvstacks_controller.cluster import Cluster
 from kvstacks_controller.registry import WorkerRegistry
@@ -112,16 +113,7 @@ class LiveController:
 
     @staticmethod
     def wait(predicate, what: str, timeout: float = 10.0):
-        import time
-
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+        return wait_for(predicate, what, timeout, interval=0.02)
 
     def close(self) -> None:
         self.http.close()

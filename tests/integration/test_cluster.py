@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from kvstacks.testing import free_port, require
+from kvstacks.testing import free_port, require, wait_for
 
 SEED_TOKENS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211, 13]
 LONG_PROMPT = list(range(1000, 1040))  # 10 chunks of 4
@@ -158,17 +157,7 @@ class Cluster:
         return r.json()["layout_info"]
 
     def wait(self, predicate, what: str, timeout: float = 15.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except (httpx.HTTPError, AssertionError) as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        return wait_for(predicate, what, timeout, retry_on=(httpx.HTTPError, AssertionError))
 
     def finish(self, event_id: str) -> dict:
         def done():

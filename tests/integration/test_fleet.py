@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kvstacks.testing import free_port, require, require_executable
+from kvstacks.testing import free_port, require, require_executable, wait_for
 
 from .test_cluster import ADMIN, WORKER, WORKER_SCRIPT, _env
 
@@ -117,17 +117,7 @@ class Fleet:
         return [(e["instance_id"], e["matched_tokens"], e["tiers"]) for e in r.json()["instances"]]
 
     def wait(self, predicate, what: str, timeout: float = 15.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except (httpx.HTTPError, AssertionError) as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        return wait_for(predicate, what, timeout, retry_on=(httpx.HTTPError, AssertionError))
 
     def close(self) -> None:
         for proc in [*self.workers.values(), *self.controllers.values()]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 from kvstacks.keys import CacheKey, chunk_hashes
 from kvstacks.memory import MemoryObj
-from kvstacks.testing import free_port, require
+from kvstacks.testing import free_port, require, wait_for
 
 CHUNK = 16
 PROMPT = list(range(5000, 5160))  # 10 chunks
@@ -194,17 +193,7 @@ class P2PCluster:
         }
 
     def wait(self, predicate, what: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        return wait_for(predicate, what, timeout, retry_on=(httpx.HTTPError,))
 
     def lookup(self, tokens: list[int]) -> dict:
         return self.http.post("/lookup", json={"tokens": tokens}).json()["layout_info"]

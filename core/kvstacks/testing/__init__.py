@@ -31,6 +31,7 @@ _LAZY = {
     "in_ci": "kvstacks.testing.environment",
     "require": "kvstacks.testing.environment",
     "require_executable": "kvstacks.testing.environment",
+    "wait_for": "kvstacks.testing.environment",
 }
 
 __all__ = ["assert_same_obj", "bits", "random_key", "random_kv", "raw_obj", *_LAZY]

@@ -1,4 +1,4 @@
-"""Skipping on missing dependencies (but never in CI), and free loopback ports."""
+"""Skipping on missing dependencies (but never in CI), free loopback ports, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import importlib
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any, TypeVar
 
 import pytest
 
@@ -47,3 +50,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = 15.0, *, interval: float = 0.05,
+             retry_on: tuple[type[BaseException], ...] = ()) -> T:
+    """Call ``predicate`` until it returns something true, and return that.
+
+    An exception of a type in ``retry_on`` (a server not answering yet) counts as not yet.
+    After ``timeout`` seconds: ``AssertionError`` naming ``what`` and the last answer or error,
+    which is what a failing test needs to say.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except retry_on as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from kvstacks.testing import free_port, require
+from kvstacks.testing import free_port, require, wait_for
 
 ADMIN = "admin-secret"
 WORKER = "worker-secret"
@@ -64,17 +63,7 @@ class Controller:
         return self.http.post(path, json=body)
 
     def wait(self, predicate, what: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = predicate()
-                if last:
-                    return last
-            except httpx.HTTPError as exc:
-                last = exc
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        return wait_for(predicate, what, timeout, interval=0.1, retry_on=(httpx.HTTPError,))
 
     def close(self) -> None:
         self.http.close()
