@@ -154,6 +154,21 @@ def frame_size(obj: MemoryObj) -> int:
     return len(header(obj)) + obj.nbytes + _CHECK.size
 
 
+#: bytes at the start of a frame that ``length`` needs
+LENGTH_FIELDS = _FIXED.size
+
+
+def length(start: bytes | memoryview) -> int | None:
+    """The whole frame's length, read from its first ``LENGTH_FIELDS`` bytes; None if they
+    do not start a frame (so a frame stored in pieces is found from its first piece)."""
+    if len(start) < _FIXED.size:
+        return None
+    magic, version, _, ndim, namelen, keylen, paylen = _FIXED.unpack_from(start, 0)
+    if magic != MAGIC or version != VERSION:
+        return None
+    return _FIXED.size + 4 * ndim + namelen + keylen + paylen + _CHECK.size
+
+
 class RunningCheck:
     """A frame's checksum computed as its bytes arrive: a receiver feeds it every piece in
     order, each right after receiving it (still in the cache), and ``decode`` then takes

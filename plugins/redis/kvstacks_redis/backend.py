@@ -1,9 +1,11 @@
-"""The ``redis`` backend: chunks as Redis strings, one frame per key."""
+"""The ``redis`` backend: chunks as Redis strings, one frame per key (a frame longer than
+``part_bytes`` in several, see ``RedisBackend._layout``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -20,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from kvstacks_redis.breaker import CLOSED, CircuitBreaker, RedisUnavailable
 from kvstacks_redis.connect import RedisOptions, build_client, build_sync_client, redacted, validate
-from kvstacks_redis.lanes import Lanes
+from kvstacks_redis.lanes import MAX_PARTS, Incomplete, Lanes
 
 log = logging.getLogger("kvstacks.redis")
 T = TypeVar("T")
@@ -184,6 +186,28 @@ class RedisBackend(Backend):
     def _name(self, key: CacheKey) -> bytes:
         return self.prefix + key.to_string().encode("utf-8")
 
+    def _part(self, name: bytes, k: int) -> bytes:
+        """The name of part ``k`` (from 1) of the frame stored under ``name``. It starts with
+        the prefix (``clear`` finds it) and, in braces, holds all of ``name``, which Redis
+        Cluster then hashes alone: the parts share the first part's slot. (A name with
+        braces of its own gets just the suffix: its parts still work, maybe on other slots.)"""
+        if b"{" in name or b"}" in name:
+            return name + b"#%d" % k
+        return self.prefix + b"{" + name + b"}#%d" % k
+
+    def _parts(self, name: bytes, count: int) -> list[bytes]:
+        return [self._part(name, k) for k in range(1, count)]
+
+    def _layout(self, name: bytes, size: int) -> list[tuple[bytes, int]]:
+        """Where a frame of ``size`` bytes is stored: ``(name, bytes)`` of each part. Redis
+        faults in every page of a value of 8 MiB or more afresh, half its CPU time in a put
+        (docs/tiers-redis.md): longer frames go in parts of ``part_bytes``. The first part is
+        under the chunk's own name, so a frame that fits is stored as it always was, and a
+        reader learns the whole length from the first part's frame header."""
+        step = self.options.part_bytes
+        count = max(1, -(-size // step))
+        return [(name, min(step, size))] + [(self._part(name, k), min(step, size - k * step)) for k in range(1, count)]
+
     # -- writes ---------------------------------------------------------------------------------
 
     async def put(self, key: CacheKey, obj: MemoryObj) -> None:
@@ -199,7 +223,10 @@ class RedisBackend(Backend):
         lanes = self._lanes
         if lanes is not None:
             # each frame is made (hashed) in a worker thread, run by run as it is sent
-            frames = [(self._name(key), *frame.encode_streamed(obj)) for key, obj in items]
+            frames = []
+            for key, obj in items:
+                size, pieces = frame.encode_streamed(obj)
+                frames.append((self._layout(self._name(key), size), pieces))
             await self._guarded("put", lambda _: lanes.set_many(frames, self.ttl_ms, PUT_LANES))
             return
         frames = [(self._name(key), frame.encode_parts(obj)) for key, obj in items]
@@ -224,7 +251,18 @@ class RedisBackend(Backend):
             yield batch
 
     async def remove(self, key: CacheKey) -> bool:
-        return bool(await self._guarded("remove", lambda c: c.delete(self._name(key))))
+        return await self._forget(self._name(key))
+
+    async def _forget(self, name: bytes) -> bool:
+        """Delete the frame under ``name`` with all its parts (their count is in its first
+        part: one round trip to read it, one to delete); whether it was there."""
+        size, start = await self._guarded("remove", lambda c: self._pipelined(
+            c, [("STRLEN", name), ("GETRANGE", name, 0, frame.LENGTH_FIELDS - 1)]
+        ))
+        return bool((await self._unlink([name, *self._parts(name, _count(start, size))]))[0])
+
+    async def _unlink(self, names: list[bytes]) -> list:
+        return await self._guarded("remove", lambda c: self._pipelined(c, [("UNLINK", n) for n in names]))
 
     async def clear(self) -> None:
         """Remove every key under this tier's prefix (what any instance with this prefix wrote)."""
@@ -248,20 +286,59 @@ class RedisBackend(Backend):
                 return value, _verified(value, keys[i], running)
 
             values = await self._guarded("get", lambda _: lanes.get_many(
-                names, self._buffers.take, verify, GET_LANES, watch=frame.RunningCheck
+                names, self._buffers.take, verify, GET_LANES,
+                watch=frame.RunningCheck, whole=frame.length, parts=self._parts,
             ))
-        elif len(names) == 1:
-            values = [await self._guarded("get", lambda c: c.get(names[0]))]
         else:
-            values = await self._guarded("get", lambda c: self._pipelined(c, [("GET", n) for n in names]))
+            if len(names) == 1:
+                values = [await self._guarded("get", lambda c: c.get(names[0]))]
+            else:
+                values = await self._guarded("get", lambda c: self._pipelined(c, [("GET", n) for n in names]))
+            values = await self._joined(names, values)
         out: list[MemoryObj | None] = []
         for key, name, value in zip(keys, names, values):
+            if isinstance(value, Incomplete):
+                # a part expired, was evicted or removed: a miss, and the rest of it goes too
+                if value.buffer is not None:
+                    self._buffers.give_back(value.buffer.obj)
+                try:
+                    await self._unlink(value.names)
+                except Exception as exc:  # the miss stands either way
+                    log.warning("redis tier: could not remove the parts of incomplete chunk %s: %s", key, _describe(exc))
+                value = None
             if value is None:
                 out.append(None)
                 continue
             value, verified = value if isinstance(value, tuple) else (value, _verified(value, key))
             out.append(await self._accept(key, name, value, verified))
         return out
+
+    async def _joined(self, names: list[bytes], values: list) -> list:
+        """Values read with one GET each (cluster mode), those stored in parts completed
+        with one more pipeline and joined; a part missing or short makes one Incomplete."""
+        wanted = []
+        for i, value in enumerate(values):
+            count = 1 if value is None else _count(value[: frame.LENGTH_FIELDS], len(value))
+            if count > 1:
+                wanted.append((i, self._parts(names[i], count)))
+        if not wanted:
+            return values
+        got = iter(await self._guarded("get", lambda c: self._pipelined(
+            c, [("GET", n) for _, more in wanted for n in more]
+        )))
+        for i, more in wanted:
+            first = values[i]
+            whole = bytearray(frame.length(first[: frame.LENGTH_FIELDS]))
+            whole[: len(first)] = first
+            at = len(first)
+            for part in [next(got) for _ in more]:
+                if at is not None and part is not None and len(part) == min(len(first), len(whole) - at):
+                    whole[at : at + len(part)] = part
+                    at += len(part)
+                else:
+                    at = None
+            values[i] = whole if at is not None else Incomplete([names[i], *more], None)
+        return values
 
     def release_now(self, obj: MemoryObj) -> None:
         self._buffers.release(obj)
@@ -284,7 +361,7 @@ class RedisBackend(Backend):
             # one of ours gone bad: drop it so nobody reads it again
             log.warning("redis tier: removing corrupt chunk %s: %s", key, verified)
             try:
-                await self._guarded("remove", lambda c: c.delete(name))
+                await self._forget(name)
             except Exception as exc:  # the miss stands either way
                 log.warning("redis tier: could not remove corrupt chunk %s: %s", key, _describe(exc))
         else:
@@ -304,13 +381,17 @@ class RedisBackend(Backend):
         return [bool(f) for f in found]
 
     async def keys(self) -> AsyncIterator[tuple[CacheKey, int]]:
-        names = [name async for name in self._scan()]
+        names = [name async for name in self._scan() if not _PART.search(name)]
         for start in range(0, len(names), 1000):
             part = names[start : start + 1000]
-            sizes = await self._guarded("keys", lambda c, part=part: self._pipelined(c, [("STRLEN", n) for n in part]))
-            for name, size in zip(part, sizes):
+            replies = await self._guarded("keys", lambda c, part=part: self._pipelined(c, [
+                command for n in part for command in (("STRLEN", n), ("GETRANGE", n, 0, frame.LENGTH_FIELDS - 1))
+            ]))
+            for name, size, start_bytes in zip(part, replies[::2], replies[1::2]):
                 if not size:
                     continue  # gone since the scan
+                if _count(start_bytes, size) > 1:
+                    size = frame.length(start_bytes)  # the whole frame, stored in parts
                 try:
                     key = CacheKey.from_string(name[len(self.prefix):].decode("utf-8"))
                 except (InvalidInput, UnicodeDecodeError):
@@ -327,15 +408,21 @@ class RedisBackend(Backend):
             yield name
 
     async def _put_joined(self, client: Redis | RedisCluster, batch: list[tuple[bytes, list]]) -> None:
-        """SET each frame joined into one bytes object, as redis-py wants it (Redis Cluster:
-        its pipeline routes each key to its node and follows redirections)."""
-        if len(batch) == 1:
-            name, parts = batch[0]
-            await client.set(name, b"".join(parts), px=self.ttl_ms)
+        """SET each frame joined into one bytes object, as redis-py wants it, cut into its
+        parts (Redis Cluster: its pipeline routes each key to its node and follows redirections)."""
+        sets = []
+        for name, pieces in batch:
+            value = memoryview(b"".join(pieces))
+            at = 0
+            for part, size in self._layout(name, len(value)):
+                sets.append((part, value[at : at + size]))
+                at += size
+        if len(sets) == 1:
+            await client.set(*sets[0], px=self.ttl_ms)
             return
         pipe = client.pipeline(transaction=False)
-        for name, parts in batch:
-            pipe.set(name, b"".join(parts), px=self.ttl_ms)
+        for part, value in sets:
+            pipe.set(part, value, px=self.ttl_ms)
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, Exception):
                 raise result
@@ -354,6 +441,19 @@ class RedisBackend(Backend):
     def stats(self) -> dict:
         b = self.breaker
         return {"breaker": b.state, "breaker_opened": b.opened, "corrupt": self.corrupt_count}
+
+
+#: how a part's name (``RedisBackend._part``) ends; a chunk's own name ends in its hash's hex
+_PART = re.compile(rb"#\d+\Z")
+
+
+def _count(start: bytes | memoryview, size: int) -> int:
+    """How many parts the frame whose first part is ``size`` bytes and starts with ``start``
+    is stored in (1 if that is not a frame's start: its check will tell)."""
+    whole = frame.length(start)
+    if whole is None or not size or whole <= size or whole > size * MAX_PARTS:
+        return 1
+    return -(-whole // size)
 
 
 def _glob_escape(raw: bytes) -> bytes:

@@ -26,6 +26,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 
 SCHEMES = ("redis", "rediss", "unix")
+#: limits of ``part_bytes``: a first part must hold the frame's length fields, and smaller
+#: parts would cost more in commands than they save; Redis refuses strings over 512 MiB
+MIN_PART = 64 << 10
+MAX_PART = 512 << 20
 
 
 @dataclass
@@ -58,6 +62,9 @@ class RedisOptions:
     timeout: float = 10.0
     #: in cluster mode a batch is sent as pipelines of at most this many bytes each
     pipeline_bytes: Size = Size(64 << 20)
+    #: a chunk frame longer than this is stored as several values of at most this size
+    #: (Redis faults in every page of a value of 8 MiB or more afresh; 4 MiB ones reuse them)
+    part_bytes: Size = Size(4 << 20)
     #: idle receive buffers kept for the next reads (after the engine releases a chunk);
     #: keep room for the chunks of one prefix (8 frames of 32 MiB chunks need a little
     #: over 256 MiB: each frame is a header and a checksum longer)
@@ -108,6 +115,10 @@ def validate(o: RedisOptions) -> None:
             raise ConfigError(name, f"must be a positive number of seconds, got {getattr(o, name)}")
     if o.pipeline_bytes < 1:
         raise ConfigError("pipeline_bytes", "must be positive")
+    if not MIN_PART <= o.part_bytes <= MAX_PART:
+        raise ConfigError(
+            "part_bytes", f"must be between 64KiB and 512MiB (Redis' largest string), got {int(o.part_bytes)} bytes"
+        )
     for address in o.sentinels:
         _host_port(address, "sentinels")
     _secret(o.username_env, "username_env")

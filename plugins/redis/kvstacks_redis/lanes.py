@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,8 +35,16 @@ import redis.exceptions as rexc
 MAX_IOV = 512
 #: bytes gathered into one send
 GATHER = 1 << 20
+#: a value to SET: the ``(name, size)`` of each of its parts, and the buffers that hold them
+#: in order (an iterable consumed in the worker thread)
+Value = tuple[list[tuple[bytes, int]], Iterable]
 #: the longest reply line accepted before a value (``$<length>``, an error message)
 MAX_LINE = 1 << 16
+#: bytes of a value read before its buffer is chosen: enough to learn a stored-in-parts
+#: value's whole length (a kvstacks frame's length fields, ``frame.LENGTH_FIELDS``)
+PEEK = 64
+#: the most parts a value is read in (a damaged first part may claim any length)
+MAX_PARTS = 4096
 
 
 def set_command(name: bytes, size: int, ttl_ms: int | None) -> bytes:
@@ -56,18 +65,30 @@ def get_command(name: bytes) -> bytes:
     return b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(name), name)
 
 
-def set_stream(batch: list[tuple[bytes, int, Iterable]], ttl_ms: int | None) -> Iterator[bytes | memoryview]:
-    """A pipeline of SETs of ``(name, size, parts)`` as the buffers to send, in order."""
+def set_stream(batch: list[Value], ttl_ms: int | None) -> Iterator[bytes | memoryview]:
+    """A pipeline of SETs as the buffers to send, in order: for each ``(layout, pieces)``
+    of ``batch``, one SET per ``(name, size)`` of ``layout``, its value the next ``size``
+    bytes of ``pieces`` (views of them: nothing is copied)."""
     tail = set_tail(ttl_ms)
-    for name, size, parts in batch:
-        yield set_command(name, size, ttl_ms)
-        sent = 0
-        for part in parts:
-            sent += len(part)
-            yield part
-        if sent != size:  # the connection is closed on the way out, so the SET is never applied
-            raise ValueError(f"a value of {size} bytes was announced and {sent} were given")
-        yield tail
+    for layout, pieces in batch:
+        pieces = (piece for piece in pieces if len(piece))
+        rest = memoryview(b"")
+        for n, (name, size) in enumerate(layout):
+            yield set_command(name, size, ttl_ms)
+            left = size
+            while left:
+                if not len(rest):
+                    piece = next(pieces, None)
+                    if piece is None:
+                        # the connection is closed on the way out, so the SET is never applied
+                        raise ValueError(f"a value of {sum(s for _, s in layout)} bytes was announced and fewer were given")
+                    rest = memoryview(piece).cast("B")
+                take = min(left, len(rest))
+                yield rest[:take]
+                rest, left = rest[take:], left - take
+            if n == len(layout) - 1 and (len(rest) or next(pieces, None) is not None):
+                raise ValueError(f"a value of {sum(s for _, s in layout)} bytes was announced and more were given")
+            yield tail
 
 
 def send_stream(sock, pieces: Iterable, gather: int = GATHER) -> None:
@@ -132,6 +153,14 @@ class ReplyReader:
                 raise rexc.InvalidResponse("a reply line from the server is too long")
             self._receive()
 
+    def skip(self, size: int) -> None:
+        """Read past the next ``size`` bytes of the stream (a value that is not wanted)."""
+        scratch = memoryview(bytearray(min(size, 1 << 16)))
+        while size:
+            take = min(size, len(scratch))
+            self.read_into(scratch[:take])
+            size -= take
+
     def read_into(self, view: memoryview, feed: Callable[[memoryview], Any] | None = None) -> None:
         """Fill ``view`` with the next ``len(view)`` bytes of the stream; ``feed`` sees each
         piece right after it arrived."""
@@ -177,6 +206,26 @@ def read_get_reply(
     """The next reply to GET: the value as a memoryview of a buffer from ``alloc(length)``,
     None for a missing key, or the server's error; and the watcher ``watch(length)``, whose
     ``update`` was given each piece of the value as it arrived (None without a value)."""
+    size = read_length(reader)
+    if not isinstance(size, int):
+        return size, None
+    value = memoryview(alloc(size)).cast("B")
+    watcher = watch(size) if watch is not None else None
+    reader.read_into(value, None if watcher is None else watcher.update)
+    read_crlf(reader)
+    return value, watcher
+
+
+def read_crlf(reader: ReplyReader) -> None:
+    crlf = memoryview(bytearray(2))
+    reader.read_into(crlf)
+    if crlf != b"\r\n":
+        raise rexc.InvalidResponse("a bulk reply from the server does not end in CRLF")
+
+
+def read_length(reader: ReplyReader) -> int | rexc.ResponseError | None:
+    """The length line of the next reply to GET: the value's length (its bytes follow),
+    None for a missing key, or the server's error."""
     line = reader.line()
     kind = line[:1]
     if kind == b"$":
@@ -184,21 +233,20 @@ def read_get_reply(
             size = int(line[1:])
         except ValueError:
             raise rexc.InvalidResponse(f"bad bulk length from the server: {line[:40]!r}") from None
-        if size < 0:
-            return None, None
-        value = memoryview(alloc(size)).cast("B")
-        watcher = watch(size) if watch is not None else None
-        reader.read_into(value, None if watcher is None else watcher.update)
-        crlf = memoryview(bytearray(2))
-        reader.read_into(crlf)
-        if crlf != b"\r\n":
-            raise rexc.InvalidResponse("a bulk reply from the server does not end in CRLF")
-        return value, watcher
+        return None if size < 0 else size
     if kind == b"_":  # RESP3's null
-        return None, None
+        return None
     if kind == b"-":
-        return rexc.ResponseError(line[1:].decode("utf-8", "replace")), None
+        return rexc.ResponseError(line[1:].decode("utf-8", "replace"))
     raise rexc.InvalidResponse(f"unexpected reply to GET: {line[:40]!r}")
+
+
+class Incomplete:
+    """A value stored in parts of which one is missing or has the wrong length: a miss.
+    ``names`` are all its parts (to delete), ``buffer`` what was received into."""
+
+    def __init__(self, names: list[bytes], buffer: memoryview) -> None:
+        self.names, self.buffer = names, buffer
 
 
 def spread(items: list, lanes: int) -> list[list[int]]:
@@ -215,10 +263,10 @@ class Lanes:
         self.threads = threads
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kvstacks-redis")
 
-    async def set_many(self, batch: list[tuple[bytes, int, Iterable]], ttl_ms: int | None, lanes: int) -> None:
-        """SET every ``(name, size, parts)`` of ``batch``, spread over up to ``lanes``
-        connections. ``parts`` (``size`` bytes in all) is consumed in the worker thread:
-        an iterator that makes them (``frame.encode_streamed``) runs beside the loop."""
+    async def set_many(self, batch: list[Value], ttl_ms: int | None, lanes: int) -> None:
+        """SET every value of ``batch`` (in its parts, see ``set_stream``), the values spread
+        over up to ``lanes`` connections. Its pieces are consumed in the worker thread: an
+        iterator that makes them (``frame.encode_streamed``) runs beside the loop."""
         groups = spread(batch, lanes)
         await self._run([(self._set_group, [batch[i] for i in group], ttl_ms) for group in groups])
 
@@ -229,17 +277,27 @@ class Lanes:
         check: Callable[[int, memoryview, Any], Any],
         lanes: int,
         watch: Callable[[int], Any] | None = None,
+        whole: Callable[[memoryview], int | None] | None = None,
+        parts: Callable[[bytes, int], list[bytes]] | None = None,
     ) -> list:
         """GET every name, spread over up to ``lanes`` connections. Each value is received
         into ``alloc(length)``, its pieces shown as they arrive to ``watch(length)`` (e.g. a
         running checksum), and replaced, in the worker thread, by
-        ``check(index, value, watcher)`` before the next one is read; a missing key is None."""
+        ``check(index, value, watcher)`` before the next one is read; a missing key is None.
+
+        A value may be stored in parts (see ``set_stream``): ``whole(first bytes)`` says how
+        long the whole value is (from the first ``PEEK`` bytes of its first part; None: this
+        part is all of it), and ``parts(name, count)`` names the other parts. Their GETs are
+        sent as soon as the first part's length is read, while the server still sends the
+        rest of the batch, and each part is received into the whole value's buffer at its
+        offset. A part missing or of the wrong length makes the value ``Incomplete``."""
         groups = spread(names, lanes)
-        parts = await self._run([
-            (self._get_group, group, [names[i] for i in group], alloc, check, watch) for group in groups
+        results = await self._run([
+            (self._get_group, group, [names[i] for i in group], alloc, check, watch, whole, parts)
+            for group in groups
         ])
         out: list = [None] * len(names)
-        for group, values in zip(groups, parts):
+        for group, values in zip(groups, results):
             for i, value in zip(group, values):
                 out[i] = value
         return out
@@ -254,28 +312,66 @@ class Lanes:
                 raise result
         return results
 
-    def _set_group(self, batch: list[tuple[bytes, int, Iterable]], ttl_ms: int | None) -> None:
+    def _set_group(self, batch: list[Value], ttl_ms: int | None) -> None:
         with _Borrowed(self.client.connection_pool) as sock:
             send_stream(sock, set_stream(batch, ttl_ms))
             reader = ReplyReader(sock)
-            errors = read_set_replies(reader, len(batch))
+            errors = read_set_replies(reader, sum(len(layout) for layout, _ in batch))
             _check_in_step(reader)
         if errors:
             raise errors[0]
 
-    def _get_group(self, indexes: list[int], names: list[bytes], alloc, check, watch) -> list:
-        out: list = []
+    def _get_group(self, indexes: list[int], names: list[bytes], alloc, check, watch, whole, parts) -> list:
+        out: list = [None] * len(names)
         errors = []
         with _Borrowed(self.client.connection_pool) as sock:
             sock.sendall(b"".join(get_command(name) for name in names))
             reader = ReplyReader(sock)
-            for i in indexes:
-                value, watcher = read_get_reply(reader, alloc, watch)
-                if isinstance(value, rexc.ResponseError):
-                    errors.append(value)  # the other replies still follow: read them
-                    value = None
+            # the replies to come, in order: (j, None) for a first part, else (j, that value's state)
+            expected: deque = deque((j, None) for j in range(len(names)))
+            while expected:
+                j, part = expected.popleft()
+                size = read_length(reader)
+                if isinstance(size, rexc.ResponseError):
+                    errors.append(size)  # the other replies still follow: read them
+                    size = None
+                if part is None:
+                    if size is None:
+                        continue
+                    head = memoryview(bytearray(min(size, PEEK)))
+                    reader.read_into(head)
+                    total = whole(head) if whole is not None else None
+                    if total is None or total <= size or total > size * MAX_PARTS:
+                        total = size  # one value (or not one we can read in parts: its check will say)
+                    value = memoryview(alloc(total)).cast("B")
+                    value[: len(head)] = head
+                    watcher = watch(total) if watch is not None else None
+                    if watcher is not None:
+                        watcher.update(head)
+                    reader.read_into(value[len(head) : size], None if watcher is None else watcher.update)
+                    read_crlf(reader)
+                    if total > size:
+                        more = parts(names[j], -(-total // size))
+                        sock.sendall(b"".join(get_command(name) for name in more))
+                        state = _Parts([names[j], *more], value, watcher, size)
+                        expected.extend((j, state) for _ in more)
+                        continue
+                elif part.broken or size is None or size != part.expected:
+                    if size is not None:
+                        reader.skip(size + 2)
+                    if not part.broken:
+                        part.broken = True
+                        out[j] = Incomplete(part.names, part.value)
+                    continue
+                else:
+                    value, watcher = part.value, part.watcher
+                    reader.read_into(value[part.at : part.at + size], None if watcher is None else watcher.update)
+                    read_crlf(reader)
+                    part.at += size
+                    if part.at < len(value):
+                        continue
                 # checked now, while the server already sends the next value
-                out.append(None if value is None else check(i, value, watcher))
+                out[j] = check(indexes[j], value, watcher)
             _check_in_step(reader)
         if errors:
             raise errors[0]
@@ -289,6 +385,19 @@ class Lanes:
         """Close every connection, also those in use (which fails their transfers at once)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.connection_pool.disconnect(inuse_connections=True)
+
+
+class _Parts:
+    """A value read in parts: where the next part goes."""
+
+    def __init__(self, names: list[bytes], value: memoryview, watcher: Any, first: int) -> None:
+        self.names, self.value, self.watcher = names, value, watcher
+        self.part_size = self.at = first
+        self.broken = False
+
+    @property
+    def expected(self) -> int:
+        return min(self.part_size, len(self.value) - self.at)
 
 
 def _check_in_step(reader: ReplyReader) -> None:

@@ -32,6 +32,8 @@ def backend(**options) -> RedisBackend:
         ({"prefix": ""}, "prefix", "clear()"),
         ({"ttl": 0}, "ttl", "positive"),
         ({"pool_size": 0}, "pool_size", "at least 1"),
+        ({"part_bytes": "1KiB"}, "part_bytes", "between 64KiB and 512MiB"),
+        ({"part_bytes": "1GiB"}, "part_bytes", "between 64KiB and 512MiB"),
         ({"mode": "sentinel", "sentinels": ["nohostport"]}, "sentinels", "host:port"),
         ({"password_env": "KVSTACKS_TEST_UNSET_VAR"}, "password_env", "KVSTACKS_TEST_UNSET_VAR"),
     ],

@@ -55,6 +55,30 @@ class TestCluster(BackendConformance):
     frames = True
 
 
+class TestStandaloneInParts(BackendConformance):
+    """Every chunk of the kit longer than 64 KiB stored in several values (and read in one go)."""
+
+    @pytest_asyncio.fixture
+    async def backend(self, redis_server):
+        backend = make(redis_server.url, part_bytes=64 << 10)
+        await backend.start()
+        return backend
+
+    corrupt = staticmethod(flip_payload_byte)
+    frames = True
+
+
+class TestClusterInParts(BackendConformance):
+    @pytest_asyncio.fixture
+    async def backend(self, redis_cluster):
+        backend = make(redis_cluster.url, mode="cluster", part_bytes=64 << 10)
+        await backend.start()
+        return backend
+
+    corrupt = staticmethod(flip_payload_byte)
+    frames = True
+
+
 class TestSentinel(BackendConformance):
     concurrency = 16
 

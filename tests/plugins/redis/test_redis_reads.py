@@ -81,7 +81,7 @@ async def test_lanes_set_and_get_on_a_real_server_and_the_pool_after_an_error(re
     prefix = os.urandom(6).hex().encode()
     values = {prefix + b"empty": b"", prefix + b"one": b"x", prefix + b"big": os.urandom(3 << 20)}
     try:
-        await lanes.set_many([(n, len(v), [v[:10], memoryview(v)[10:]]) for n, v in values.items()], None, 2)
+        await lanes.set_many([([(n, len(v))], [v[:10], memoryview(v)[10:]]) for n, v in values.items()], None, 2)
         client.rpush(prefix + b"list", b"a")
         names = [prefix + b"big", prefix + b"missing", prefix + b"one", prefix + b"empty"]
         got = await lanes.get_many(names, bytearray, lambda i, v, w: (i, bytes(v)), 3)
@@ -89,7 +89,7 @@ async def test_lanes_set_and_get_on_a_real_server_and_the_pool_after_an_error(re
         with pytest.raises(rexc.ResponseError, match="WRONGTYPE"):
             await lanes.get_many([prefix + b"one", prefix + b"list"], bytearray, lambda i, v, w: v, 1)
         # a SET with a ttl, and the pool still serves after the error above
-        await lanes.set_many([(prefix + b"ttl", 1, [b"v"])], 60_000, 1)
+        await lanes.set_many([([(prefix + b"ttl", 1)], [b"v"])], 60_000, 1)
         assert 0 < client.pttl(prefix + b"ttl") <= 60_000
         assert (await lanes.get_many([prefix + b"big"], bytearray, lambda i, v, w: bytes(v), 1)) == [values[prefix + b"big"]]
     finally:
@@ -138,9 +138,9 @@ async def test_a_value_shorter_than_announced_is_never_applied(redis_server) -> 
     name = os.urandom(6).hex().encode()
     try:
         with pytest.raises(ValueError, match="announced"):
-            await lanes.set_many([(name, 10, [b"short"])], None, 1)
+            await lanes.set_many([([(name, 10)], [b"short"])], None, 1)
         assert client.exists(name) == 0
-        await lanes.set_many([(name, 5, [b"right"])], None, 1)
+        await lanes.set_many([([(name, 5)], [b"right"])], None, 1)
         assert client.get(name) == b"right"
     finally:
         client.delete(name)
