@@ -11,7 +11,10 @@ spread over a few such connections, each driven by a worker thread:
 - a pipeline of SETs leaves with ``sendmsg``, gathered straight from the tensors'
   memory: header, the payload's contiguous runs (``frame.encode_runs``) and checksum;
 - each GET's value is received with ``recv_into`` into a buffer of its final size, and
-  checked (the frame's checksum) in the same thread.
+  checked (the frame's checksum) in the same thread;
+- a value stored in several parts (several keys) is sent as one SET per part, cut from
+  the same buffers, and read whole: the other parts' GETs follow as soon as the first
+  part says how long the whole value is, each part received at its offset.
 
 The threads release the GIL in every send, receive and checksum, so the copies of a
 batch run on all cores while the event loop stays free, and each socket's timeout bounds
