@@ -17,6 +17,7 @@ from kvstacks.memory import MemoryObj
 
 from kvstacks_mooncake import client as mc
 from kvstacks_mooncake.calls import Caller, CallTimeout, overlap, split
+from kvstacks_mooncake.local import PROBE_BYTES, LocalSegment
 from kvstacks_mooncake.memory import Registrations, Slot, Slots
 from kvstacks_mooncake.options import MooncakeOptions
 
@@ -46,6 +47,7 @@ class MooncakeBackend(Backend):
         self.store: Any = None
         self.slots: Slots | None = None
         self.registrations: Registrations | None = None
+        self.local: LocalSegment | None = None  # this client's own segment, read directly
         self._config: Any = None
         self._connecting = threading.Lock()  # one connect attempt at a time
         self._closed = False
@@ -79,9 +81,22 @@ class MooncakeBackend(Backend):
             if self._closed:  # closed while this was connecting: nobody will use it
                 mc.keep_client(self.options, store)
                 return
+            self.local = self._find_local(store, slots)
             self._config, self.slots, self.registrations = config, slots, registrations
             self.store = store
             log.info("mooncake tier connected to master %s", self.options.master)
+
+    def _find_local(self, store: Any, slots: Slots) -> LocalSegment | None:
+        if not self.options.segment_bytes:
+            return None
+        slot = slots.take(PROBE_BYTES)
+        try:
+            return LocalSegment.find(store, slot.base, slot.tensor.numpy(), int(self.options.segment_bytes))
+        except Exception as exc:  # reads then all go through batch_get_into
+            log.warning("mooncake tier: could not locate this process's segment (%s); reading through the client", exc)
+            return None
+        finally:
+            slots.give_back(slot)
 
     async def close(self) -> None:
         """Unregister and close the client; bounded by ``close_timeout`` even if the store hangs."""
@@ -100,6 +115,8 @@ class MooncakeBackend(Backend):
         caller.stop()
 
     def _shutdown(self, store: Any) -> None:
+        if self.local is not None:
+            self.local.close(self.options.close_timeout)
         if self.registrations is not None:
             self.registrations.close()
         if self.slots is not None:
@@ -292,7 +309,9 @@ class MooncakeBackend(Backend):
         slots: list[Slot | None] = [self.slots.take(self._sizes.get(name, self._guess)) for name in names]
         lengths = [0] * len(names)
         out: list[tuple[MemoryObj | None, bool]] = [(None, False)] * len(names)
-        groups = split(len(names), self.options.pipeline_parts)
+        done = self._read_local(store, keys, names, slots, out) if self.local is not None else set()
+        remote = [i for i in range(len(names)) if i not in done]
+        groups = [[remote[j] for j in run] for run in split(len(remote), self.options.pipeline_parts)] if remote else []
 
         def fetch(g: int) -> None:
             part = groups[g]
@@ -332,10 +351,42 @@ class MooncakeBackend(Backend):
                     self.slots.give_back(slot)
         return out
 
-    def _decode(self, key: CacheKey, slot: Slot, n: int) -> tuple[MemoryObj | None, bool]:
+    def _read_local(self, store: Any, keys: list[CacheKey], names: list[str], slots: list[Slot | None],
+                    out: list[tuple[MemoryObj | None, bool]]) -> set[int]:
+        """Chunks with a replica in this process's segment: copied and checked block by block.
+        Returns the indices read (hit or corrupt); the others go through batch_get_into."""
+        local = self.local
+        assert local is not None and self.slots is not None
+        try:
+            replicas = store.batch_get_replica_desc(names)
+        except Exception as exc:  # the client path reports what is wrong
+            log.debug("mooncake tier: batch_get_replica_desc failed: %s", exc)
+            return set()
+        done = set()
+        for i, name in enumerate(names):
+            found = local.address(replicas.get(name, ()))
+            if found is None:
+                continue
+            addr, size = found
+            if slots[i].size < size:
+                self.slots.give_back(slots[i])
+                slots[i] = self.slots.take(size)
+            slot = slots[i]
+            check = local.read(addr, size, slot.base, slot.tensor.numpy())
+            if check is None:
+                return done
+            self._hint(name, size)
+            out[i] = self._decode(keys[i], slot, size, check)
+            if out[i][0] is not None:
+                slots[i] = None  # leased to the engine now
+            done.add(i)
+        return done
+
+    def _decode(self, key: CacheKey, slot: Slot, n: int,
+                running: frame.RunningCheck | None = None) -> tuple[MemoryObj | None, bool]:
         try:
             # the decoded tensor is a view of the slot: leased until release_now
-            obj = frame.decode(memoryview(slot.tensor.numpy())[:n], expect_key=key)
+            obj = frame.decode(memoryview(slot.tensor.numpy())[:n], expect_key=key, running=running)
         except CorruptChunk as exc:
             self.corrupt_count += 1
             log.warning("mooncake tier: removing corrupt chunk %s: %s", key, exc)

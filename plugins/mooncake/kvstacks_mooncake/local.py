@@ -1,0 +1,119 @@
+"""Reading replicas that lie in this process's own segment, checked while the bytes are in cache.
+
+Within one process Mooncake's get is one memcpy from the segment into the reader's buffer; the
+frame's checksum is then one more pass over the same bytes, from memory. Here the tier copies
+a replica of its own segment itself, in blocks the size of a core's cache, and hashes each block
+right after copying it: one pass over memory instead of two. The check is the frame's own, over
+every byte, so a replica removed, re-placed or torn while it is copied is still a miss.
+
+Mooncake says where a replica lies (``get_replica_desc``: endpoint and address). The address is
+only read when the replica is in this process's segment: its endpoint is this client's, and the
+whole object lies in the memory the segment was found in at start (a probe object written there
+and read back). Anything else goes through ``batch_get_into``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+from kvstacks import frame
+
+log = logging.getLogger("kvstacks.mooncake")
+
+#: bytes copied and hashed at a time: the copy's source and destination stay in a core's L2
+BLOCK = 256 << 10
+PROBE_BYTES = 4096
+
+
+def _mapping(addr: int, size: int) -> tuple[int, int] | None:
+    """The readable and writable mapping of this process that holds ``[addr, addr + size)``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr and addr + size <= hi:
+                return (lo, hi) if fields[1].startswith("rw") else None
+    return None
+
+
+class LocalSegment:
+    """Where this client's segment lies; reads replicas in it with the check done block by block."""
+
+    def __init__(self, endpoint: str, lo: int, hi: int) -> None:
+        self.endpoint = endpoint
+        self.lo, self.hi = lo, hi
+        self._lock = threading.Condition()
+        self._reading = 0
+        self._closed = False
+
+    @classmethod
+    def find(cls, store: Any, slot_base: int, slot_view: np.ndarray, segment_bytes: int) -> LocalSegment | None:
+        """Write a probe object to this client's own segment and find it in this process's memory."""
+        from mooncake.store import ReplicateConfig
+
+        probe = os.urandom(PROBE_BYTES)
+        slot_view[:PROBE_BYTES] = np.frombuffer(probe, np.uint8)
+        config = ReplicateConfig()
+        config.replica_num = 1
+        config.preferred_segment = store.get_hostname()
+        key = f"kvstacks-probe-{uuid.uuid4().hex}"
+        if store.put_from(key, slot_base, PROBE_BYTES, config) != 0:
+            return None
+        try:
+            for replica in store.get_replica_desc(key):
+                if not replica.is_memory_replica():
+                    continue
+                desc = replica.get_memory_descriptor().buffer_descriptor
+                where = _mapping(desc.buffer_address, PROBE_BYTES)
+                if where is None or ctypes.string_at(desc.buffer_address, PROBE_BYTES) != probe:
+                    continue
+                # the segment is one allocation of segment_bytes around the probe
+                lo = max(where[0], desc.buffer_address - segment_bytes)
+                hi = min(where[1], desc.buffer_address + segment_bytes)
+                return cls(desc.transport_endpoint, lo, hi)
+            return None
+        finally:
+            store.batch_remove([key], True)
+
+    def address(self, replicas: list[Any]) -> tuple[int, int] | None:
+        """``(address, size)`` of a complete replica in this segment, if the object has one."""
+        for replica in replicas:
+            if not replica.is_memory_replica() or replica.status.name != "COMPLETE":
+                continue
+            desc = replica.get_memory_descriptor().buffer_descriptor
+            addr, size = desc.buffer_address, desc.size
+            if desc.transport_endpoint == self.endpoint and self.lo <= addr and addr + size <= self.hi:
+                return addr, size
+        return None
+
+    def read(self, addr: int, size: int, dst: int, dst_view: np.ndarray) -> frame.RunningCheck | None:
+        """Copy ``size`` bytes from the segment to ``dst``, hashing each block right after its copy.
+
+        None if the segment is being closed (its memory may go)."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._reading += 1
+        try:
+            check = frame.RunningCheck(size)
+            for off in range(0, size, BLOCK):
+                n = min(BLOCK, size - off)
+                ctypes.memmove(dst + off, addr + off, n)
+                check.update(dst_view[off : off + n])
+            return check
+        finally:
+            with self._lock:
+                self._reading -= 1
+                self._lock.notify_all()
+
+    def close(self, timeout: float) -> None:
+        """No new reads; wait for those under way (the segment's memory goes with the client)."""
+        with self._lock:
+            self._closed = True
+            self._lock.wait_for(lambda: self._reading == 0, timeout)
