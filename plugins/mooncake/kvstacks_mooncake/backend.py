@@ -29,6 +29,8 @@ MAX_HINTS = 1 << 20
 CHECK_BYTES = 8
 #: extra attempts for puts that failed in transfer (placed on a dead process's segment)
 PUT_RETRIES = 2
+#: a remembered read of at least this many bytes is shared with a helper thread
+SPLIT_BYTES = 4 << 20
 
 
 class MooncakeBackend(Backend):
@@ -54,6 +56,8 @@ class MooncakeBackend(Backend):
         self._sizes: dict[str, int] = {}  # frame size by name: written or read by this process
         self._guess = 1 << 20  # buffer size for a key of unknown size; a short one costs one more call
         self.transfer_failures = 0
+        self.local_hits = 0  # chunks read from a remembered place in this process's segment
+        self.local_stale = 0  # remembered places that no longer held the chunk (re-read through the client)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -258,9 +262,29 @@ class MooncakeBackend(Backend):
         for name, code, item_sizes in zip(names, codes, sizes):
             if code == 0:
                 self._hint(name, sum(item_sizes))
+        if self.local is not None:
+            self._learn_places(store, [n for n, c in zip(names, codes) if c == 0])
         return codes
 
+    def _learn_places(self, store: Any, names: list[str]) -> None:
+        """Remember where the chunks just written lie if they landed in this process's segment:
+        one descriptor RPC per batch here saves one on every later read of them."""
+        local = self.local
+        if not names or local is None:
+            return
+        try:
+            replicas = store.batch_get_replica_desc(names)
+        except Exception as exc:  # reads then ask where the chunks are
+            log.debug("mooncake tier: batch_get_replica_desc failed: %s", exc)
+            return
+        for name in names:
+            found = local.address(replicas.get(name, ()))
+            if found is not None:
+                local.remember(name, found)
+
     def _remove_blocking(self, store: Any, names: list[str]) -> list[int]:
+        if self.local is not None:
+            self.local.forget(names)
         codes = store.batch_remove(names, self.options.force_remove)
         if any(c in mc.UNREACHABLE for c in codes):
             raise mc.MooncakeUnavailable(f"remove returned {codes[0]}")
@@ -281,6 +305,8 @@ class MooncakeBackend(Backend):
         if code < 0:
             raise mc.MooncakeError(f"mooncake clear failed with code {code}")
         self._sizes.clear()
+        if self.local is not None:
+            self.local.forget()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -291,14 +317,94 @@ class MooncakeBackend(Backend):
         if not keys:
             return []
         names = [self._name(k) for k in keys]
-        found = await self._call("get", self._get_blocking, keys, names)
-        corrupt = [name for name, (_, bad) in zip(names, found) if bad]
+        out: list[MemoryObj | None] = [None] * len(keys)
+        rest = list(range(len(keys)))
+        local = self.local
+        if local is not None and not self._closed and self.store is not None and local.places:
+            self.breaker.check()  # an open breaker fails every call, as it did before places were remembered
+            # No call to the master, so no deadline to keep: the copy runs right here. Handing it
+            # to a call thread measured ~1 ms a batch (8 x 8 MiB: 82% of raw against 89% here).
+            rest = self._read_remembered(keys, names, out)
+        if not rest:
+            return out
+        try:
+            found = await self._call("get", self._get_blocking, [keys[i] for i in rest], [names[i] for i in rest])
+        except BaseException:
+            for obj in out:
+                if obj is not None:
+                    self.release_now(obj)
+            raise
+        corrupt = [names[i] for i, (_, bad) in zip(rest, found) if bad]
+        for i, (obj, _) in zip(rest, found):
+            out[i] = obj
         if corrupt:
             try:
                 await self._call("remove", self._remove_blocking, corrupt)
             except Exception as exc:  # the miss stands either way
                 log.warning("mooncake tier: could not remove corrupt chunks: %s", exc)
-        return [obj for obj, _ in found]
+        return out
+
+    def _read_remembered(self, keys: list[CacheKey], names: list[str], out: list[MemoryObj | None]) -> list[int]:
+        """Chunks whose place in this process's segment is remembered: copied and checked block by
+        block, with no call to the master. Returns the indices still to read through the client
+        (not remembered, or the place no longer holds the chunk: freed and reused, or torn)."""
+        local = self.local
+        assert local is not None and self.slots is not None
+        rest, todo = [], []
+        for i, name in enumerate(names):
+            place = local.place(name)
+            if place is None:
+                rest.append(i)
+            else:
+                todo.append((i, place, self.slots.take(place[1])))
+        if not todo:
+            return rest
+        got: dict[int, MemoryObj | None] = {}
+
+        def read(jobs: list[tuple[int, tuple[int, int], Slot]]) -> None:
+            for i, (addr, size), slot in jobs:
+                check = local.read(addr, size, slot.base, slot.tensor.numpy())
+                obj = None
+                if check is not None:
+                    try:
+                        obj = frame.decode(memoryview(slot.tensor.numpy())[:size], expect_key=keys[i], running=check)
+                    except CorruptChunk as exc:
+                        # not evidence against the object: it may simply live elsewhere now
+                        log.debug("mooncake tier: remembered place of %s is stale (%s); reading through the client",
+                                  keys[i], exc)
+                got[i] = obj
+
+        # Copying and hashing in blocks is bound by one core (~80% of memcpy here); the second
+        # core takes half the bytes (the GIL is released in memmove and xxh3).
+        total = sum(place[1] for _, place, _ in todo)
+        cut = len(todo)
+        if len(todo) > 1 and total >= SPLIT_BYTES:
+            half, acc, cut = total / 2, 0, 0
+            while cut < len(todo) - 1 and acc + todo[cut][1][1] / 2 <= half:
+                acc += todo[cut][1][1]
+                cut += 1
+        helper = threading.Thread(target=read, args=(todo[cut:],), daemon=True) if cut < len(todo) else None
+        if helper is not None:
+            helper.start()
+        try:
+            read(todo[:cut])
+        finally:
+            if helper is not None:
+                helper.join()
+        for i, _, slot in todo:
+            obj = got.get(i)
+            if obj is None:
+                self.slots.give_back(slot)
+                if not local.closed:
+                    self.local_stale += 1
+                    local.forget([names[i]])
+                rest.append(i)
+                continue
+            slot.handed_out = True
+            out[i] = obj
+            self.local_hits += 1
+        rest.sort()
+        return rest
 
     def _get_blocking(self, store: Any, keys: list[CacheKey], names: list[str]) -> list[tuple[MemoryObj | None, bool]]:
         """batch_get_into leased slots, part by part; one part is verified while the next arrives.
@@ -368,6 +474,7 @@ class MooncakeBackend(Backend):
             if found is None:
                 continue
             addr, size = found
+            local.remember(name, found)
             if slots[i].size < size:
                 self.slots.give_back(slots[i])
                 slots[i] = self.slots.take(size)
@@ -438,4 +545,6 @@ class MooncakeBackend(Backend):
             "read_buffer_bytes": slots.bytes if slots else 0, "leases_reclaimed": slots.reclaimed if slots else 0,
             "registered_bytes": regs.bytes if regs else 0, "registrations": regs.registered if regs else 0,
             "abandoned_calls": self.caller.abandoned if self.caller else 0,
+            "local_hits": self.local_hits, "local_stale": self.local_stale,
+            "local_places": self.local.places if self.local else 0,
         }

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -29,17 +30,29 @@ log = logging.getLogger("kvstacks.mooncake")
 #: bytes copied and hashed at a time: the copy's source and destination stay in a core's L2
 BLOCK = 256 << 10
 PROBE_BYTES = 4096
+#: places remembered (name -> address, size); the oldest is forgotten first
+MAX_PLACES = 1 << 16
 
 
 def _mapping(addr: int, size: int) -> tuple[int, int] | None:
-    """The readable and writable mapping of this process that holds ``[addr, addr + size)``."""
+    """The readable and writable memory of this process around ``[addr, addr + size)``: the
+    mapping that holds it and the rw mappings right next to it (one allocation can be several
+    mappings, e.g. after the kernel split it to back part of it with huge pages)."""
+    spans = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo <= addr and addr + size <= hi:
-                return (lo, hi) if fields[1].startswith("rw") else None
-    return None
+            spans.append((lo, hi, fields[1].startswith("rw")))
+    at = next((i for i, (lo, hi, _) in enumerate(spans) if lo <= addr and addr + size <= hi), None)
+    if at is None or not spans[at][2]:
+        return None
+    first = last = at
+    while first > 0 and spans[first - 1][2] and spans[first - 1][1] == spans[first][0]:
+        first -= 1
+    while last + 1 < len(spans) and spans[last + 1][2] and spans[last + 1][0] == spans[last][1]:
+        last += 1
+    return spans[first][0], spans[last][1]
 
 
 class LocalSegment:
@@ -51,6 +64,11 @@ class LocalSegment:
         self._lock = threading.Condition()
         self._reading = 0
         self._closed = False
+        # Where objects of this segment lay when last asked (after this tier's own puts, or a read).
+        # Read without asking the master again: no lease is held, so the region may since have been
+        # freed and reused; the frame check (key in its header, xxh3 over every byte) then fails and
+        # the caller re-reads through the client. Never wrong data, at worst one wasted copy.
+        self._places: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
     @classmethod
     def find(cls, store: Any, slot_base: int, slot_view: np.ndarray, segment_bytes: int) -> LocalSegment | None:
@@ -92,6 +110,35 @@ class LocalSegment:
                 return addr, size
         return None
 
+    def remember(self, name: str, place: tuple[int, int]) -> None:
+        with self._lock:
+            places = self._places
+            places[name] = place
+            places.move_to_end(name)
+            if len(places) > MAX_PLACES:
+                places.popitem(last=False)
+
+    def place(self, name: str) -> tuple[int, int] | None:
+        """Where ``name`` lay in this segment when last asked, or None."""
+        return self._places.get(name)
+
+    def forget(self, names: list[str] | None = None) -> None:
+        """Forget where ``names`` lie (all if None): removed, overwritten, or found stale."""
+        with self._lock:
+            if names is None:
+                self._places.clear()
+            else:
+                for name in names:
+                    self._places.pop(name, None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def places(self) -> int:
+        return len(self._places)
+
     def read(self, addr: int, size: int, dst: int, dst_view: np.ndarray) -> frame.RunningCheck | None:
         """Copy ``size`` bytes from the segment to ``dst``, hashing each block right after its copy.
 
@@ -116,4 +163,5 @@ class LocalSegment:
         """No new reads; wait for those under way (the segment's memory goes with the client)."""
         with self._lock:
             self._closed = True
+            self._places.clear()
             self._lock.wait_for(lambda: self._reading == 0, timeout)
