@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import uuid
 
+import pytest
 from kvstacks.testing import assert_same_obj, random_key, random_kv, raw_obj
 from kvstacks_mooncake import MooncakeBackend
 from kvstacks_mooncake.local import BLOCK
@@ -30,6 +31,15 @@ class CountingStore:
         return getattr(self._store, name)
 
 
+@pytest.fixture
+async def backend(own_master):
+    """A started tier on a master of its own, closed after the test."""
+    backend = make(own_master().address)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
 def make(master: str) -> MooncakeBackend:
     # a master of its own: the session's master also holds segments of other tests' idle clients,
     # where a put may land (not this tier's segment)
@@ -38,128 +48,98 @@ def make(master: str) -> MooncakeBackend:
         local_buffer_bytes=16 << 20, read_buffer_bytes=32 << 20, timeout=10.0))
 
 
-async def test_own_segment_is_found_and_read_without_the_client(own_master):
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        assert backend.local is not None, "the probe did not find this process's segment"
-        store = backend.store = CountingStore(backend.store)
-        # larger than a block and not a multiple of one: the last block is short
-        keys = [random_key() for _ in range(3)]
-        objs = [raw_obj(k, random_kv(2, 300 + i, 256, seed=40 + i)) for i, k in enumerate(keys)]
-        assert objs[0].nbytes > BLOCK
-        await backend.batch_put(list(zip(keys, objs)))
-        got = await backend.batch_get([*keys, random_key()])
-        assert got[3] is None
-        for obj, back in zip(objs, got):
-            assert_same_obj(back, obj, "local read")
-            backend.release_now(back)
-        assert store.client_gets == 1  # only for the missing key
-    finally:
-        await backend.close()
+async def test_own_segment_is_found_and_read_without_the_client(backend):
+    assert backend.local is not None, "the probe did not find this process's segment"
+    store = backend.store = CountingStore(backend.store)
+    # larger than a block and not a multiple of one: the last block is short
+    keys = [random_key() for _ in range(3)]
+    objs = [raw_obj(k, random_kv(2, 300 + i, 256, seed=40 + i)) for i, k in enumerate(keys)]
+    assert objs[0].nbytes > BLOCK
+    await backend.batch_put(list(zip(keys, objs)))
+    got = await backend.batch_get([*keys, random_key()])
+    assert got[3] is None
+    for obj, back in zip(objs, got):
+        assert_same_obj(back, obj, "local read")
+        backend.release_now(back)
+    assert store.client_gets == 1  # only for the missing key
 
 
-async def test_a_chunk_torn_in_the_middle_is_a_miss_through_the_local_path(own_master):
+async def test_a_chunk_torn_in_the_middle_is_a_miss_through_the_local_path(backend):
     """Bytes changed in the replica itself (as a forced remove and another put would): the
     block-by-block check sees them, the chunk is a miss, counted corrupt and removed."""
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        assert backend.local is not None
-        key = random_key()
-        obj = raw_obj(key, random_kv(2, 600, 256, seed=7))
-        await backend.put(key, obj)
-        name = backend._name(key)
-        (replica,) = backend.store.get_replica_desc(name)
-        desc = replica.get_memory_descriptor().buffer_descriptor
-        assert backend.local.address([replica]) is not None
-        # a tear inside one block in the middle of the frame, not on a block boundary
-        ctypes.memset(desc.buffer_address + desc.size // 2 + 123, 0x5A, 4096)
-        backend.store = CountingStore(backend.store)
-        assert await backend.get(key) is None
-        assert backend.store.client_gets == 0  # the local path read it
-        # the remembered place failed its check first (not evidence enough), then the read
-        # through the replica's descriptor failed too: only that counts as corrupt
-        assert backend.stats()["local_stale"] == 1
-        assert backend.stats()["corrupt"] == 1
-        assert not await backend.contains(key)  # removed
-    finally:
-        await backend.close()
+    assert backend.local is not None
+    key = random_key()
+    obj = raw_obj(key, random_kv(2, 600, 256, seed=7))
+    await backend.put(key, obj)
+    name = backend._name(key)
+    (replica,) = backend.store.get_replica_desc(name)
+    desc = replica.get_memory_descriptor().buffer_descriptor
+    assert backend.local.address([replica]) is not None
+    # a tear inside one block in the middle of the frame, not on a block boundary
+    ctypes.memset(desc.buffer_address + desc.size // 2 + 123, 0x5A, 4096)
+    backend.store = CountingStore(backend.store)
+    assert await backend.get(key) is None
+    assert backend.store.client_gets == 0  # the local path read it
+    # the remembered place failed its check first (not evidence enough), then the read
+    # through the replica's descriptor failed too: only that counts as corrupt
+    assert backend.stats()["local_stale"] == 1
+    assert backend.stats()["corrupt"] == 1
+    assert not await backend.contains(key)  # removed
 
 
-async def test_a_chunk_this_tier_wrote_is_read_from_its_remembered_place(own_master):
+async def test_a_chunk_this_tier_wrote_is_read_from_its_remembered_place(backend):
     """After a put the tier knows where its chunks landed: a get asks the master nothing."""
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        assert backend.local is not None
-        keys = [random_key() for _ in range(4)]
-        objs = [raw_obj(k, random_kv(2, 400 + i, 256, seed=60 + i)) for i, k in enumerate(keys)]
-        await backend.batch_put(list(zip(keys, objs)))
-        assert backend.stats()["local_places"] == 4
-        store = backend.store = CountingStore(backend.store)
-        got = await backend.batch_get(keys)
-        for obj, back in zip(objs, got):
-            assert_same_obj(back, obj, "remembered read")
-            backend.release_now(back)
-        assert (store.client_gets, store.descriptor_calls) == (0, 0)
-        assert backend.stats()["local_hits"] == 4
-    finally:
-        await backend.close()
+    assert backend.local is not None
+    keys = [random_key() for _ in range(4)]
+    objs = [raw_obj(k, random_kv(2, 400 + i, 256, seed=60 + i)) for i, k in enumerate(keys)]
+    await backend.batch_put(list(zip(keys, objs)))
+    assert backend.stats()["local_places"] == 4
+    store = backend.store = CountingStore(backend.store)
+    got = await backend.batch_get(keys)
+    for obj, back in zip(objs, got):
+        assert_same_obj(back, obj, "remembered read")
+        backend.release_now(back)
+    assert (store.client_gets, store.descriptor_calls) == (0, 0)
+    assert backend.stats()["local_hits"] == 4
 
 
-async def test_a_remembered_place_reused_by_another_object_is_never_served(own_master):
+async def test_a_remembered_place_reused_by_another_object_is_never_served(backend):
     """Removed behind this tier's back (another process) and its memory reused: the stale place
     fails the frame check, the tier asks Mooncake again, the chunk is a plain miss (not corrupt)."""
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        assert backend.local is not None
-        key, other = random_key(), random_key()
-        obj = raw_obj(key, random_kv(2, 500, 256, seed=8))
-        await backend.put(key, obj)
-        name = backend._name(key)
-        place = backend.local.place(name)
-        assert place is not None
-        assert backend.store.batch_remove([name], True) == [0]  # not through the tier: it still remembers
-        await backend.put(other, raw_obj(other, random_kv(2, 500, 256, seed=9)))
-        assert backend.local.place(backend._name(other))[0] == place[0], "Mooncake placed the new object elsewhere"
-        assert await backend.get(key) is None
-        stats = backend.stats()
-        assert (stats["local_stale"], stats["corrupt"]) == (1, 0)
-        assert backend.local.place(name) is None
-        back = await backend.get(other)
-        assert back is not None
-        backend.release_now(back)
-    finally:
-        await backend.close()
+    assert backend.local is not None
+    key, other = random_key(), random_key()
+    obj = raw_obj(key, random_kv(2, 500, 256, seed=8))
+    await backend.put(key, obj)
+    name = backend._name(key)
+    place = backend.local.place(name)
+    assert place is not None
+    assert backend.store.batch_remove([name], True) == [0]  # not through the tier: it still remembers
+    await backend.put(other, raw_obj(other, random_kv(2, 500, 256, seed=9)))
+    assert backend.local.place(backend._name(other))[0] == place[0], "Mooncake placed the new object elsewhere"
+    assert await backend.get(key) is None
+    stats = backend.stats()
+    assert (stats["local_stale"], stats["corrupt"]) == (1, 0)
+    assert backend.local.place(name) is None
+    back = await backend.get(other)
+    assert back is not None
+    backend.release_now(back)
 
 
-async def test_a_chunk_removed_through_the_tier_is_forgotten(own_master):
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        key = random_key()
-        await backend.put(key, raw_obj(key, random_kv(2, 64, 256, seed=3)))
-        assert backend.local.place(backend._name(key)) is not None
-        assert await backend.remove(key)
-        assert backend.local.place(backend._name(key)) is None
-        assert await backend.get(key) is None
-        assert backend.stats()["local_stale"] == 0
-    finally:
-        await backend.close()
+async def test_a_chunk_removed_through_the_tier_is_forgotten(backend):
+    key = random_key()
+    await backend.put(key, raw_obj(key, random_kv(2, 64, 256, seed=3)))
+    assert backend.local.place(backend._name(key)) is not None
+    assert await backend.remove(key)
+    assert backend.local.place(backend._name(key)) is None
+    assert await backend.get(key) is None
+    assert backend.stats()["local_stale"] == 0
 
 
-async def test_an_overwrite_reads_the_new_bytes(own_master):
-    backend = make(own_master().address)
-    await backend.start()
-    try:
-        key = random_key()
-        await backend.put(key, raw_obj(key, random_kv(2, 64, 256, seed=4)))
-        new = raw_obj(key, random_kv(2, 64, 256, seed=5))
-        await backend.put(key, new)
-        back = await backend.get(key)
-        assert_same_obj(back, new, "overwritten")
-        backend.release_now(back)
-    finally:
-        await backend.close()
+async def test_an_overwrite_reads_the_new_bytes(backend):
+    key = random_key()
+    await backend.put(key, raw_obj(key, random_kv(2, 64, 256, seed=4)))
+    new = raw_obj(key, random_kv(2, 64, 256, seed=5))
+    await backend.put(key, new)
+    back = await backend.get(key)
+    assert_same_obj(back, new, "overwritten")
+    backend.release_now(back)
