@@ -20,18 +20,22 @@ async def flip_payload_byte(backend: RedisBackend, key) -> None:
     await backend.client.set(name, bytes(damaged))
 
 
-class TestStandalone(BackendConformance):
+class RedisKit(BackendConformance):
+    """What every server kind below shares: frames (a stale carried check is a miss), and how to damage one."""
+
+    corrupt = staticmethod(flip_payload_byte)
+    frames = True
+
+
+class TestStandalone(RedisKit):
     @pytest_asyncio.fixture
     async def backend(self, redis_server):
         backend = make(redis_server.url)
         await backend.start()
         return backend
 
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
 
-
-class TestUnixSocket(BackendConformance):
+class TestUnixSocket(RedisKit):
     concurrency = 16
 
     @pytest_asyncio.fixture
@@ -40,22 +44,16 @@ class TestUnixSocket(BackendConformance):
         await backend.start()
         return backend
 
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
 
-
-class TestCluster(BackendConformance):
+class TestCluster(RedisKit):
     @pytest_asyncio.fixture
     async def backend(self, redis_cluster):
         backend = make(redis_cluster.url, mode="cluster")
         await backend.start()
         return backend
 
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
 
-
-class TestStandaloneInParts(BackendConformance):
+class TestStandaloneInParts(RedisKit):
     """Every chunk of the kit longer than 64 KiB stored in several values (and read in one go)."""
 
     @pytest_asyncio.fixture
@@ -64,22 +62,16 @@ class TestStandaloneInParts(BackendConformance):
         await backend.start()
         return backend
 
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
 
-
-class TestClusterInParts(BackendConformance):
+class TestClusterInParts(RedisKit):
     @pytest_asyncio.fixture
     async def backend(self, redis_cluster):
         backend = make(redis_cluster.url, mode="cluster", part_bytes=64 << 10)
         await backend.start()
         return backend
 
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
 
-
-class TestSentinel(BackendConformance):
+class TestSentinel(RedisKit):
     concurrency = 16
 
     @pytest_asyncio.fixture
@@ -87,6 +79,3 @@ class TestSentinel(BackendConformance):
         backend = make(f"redis://127.0.0.1:{redis_sentinel.sentinel.port}/0", mode="sentinel", service="mymaster")
         await backend.start()
         return backend
-
-    corrupt = staticmethod(flip_payload_byte)
-    frames = True
