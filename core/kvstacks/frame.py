@@ -114,26 +114,21 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, head: bytes) -> int:
 def encode_streamed(obj: MemoryObj) -> tuple[int, Iterator[bytes | memoryview]]:
     """The frame's size, and its parts as they are consumed: the payload as its contiguous
     runs (``MemoryObj.payload_runs``, so not even a sliced chunk is copied), the checksum
-    computed run by run on the way (or the one the object carries). A sender that sends each run right after it was
-    hashed starts at once and reads the run again while it is still in the cache."""
+    computed run by run on the way (or the one the object carries). A sender that sends
+    each run right after it was hashed starts at once and reads the run again while it is
+    still in the cache."""
     head = header(obj)
-    if obj.check is not None:
-        carried = _CHECK.pack(obj.check)
 
-        def sent() -> Iterator[bytes | memoryview]:
-            yield head
-            yield from obj.payload_runs()
-            yield carried
-
-        return len(head) + obj.nbytes + _CHECK.size, sent()
+    carried = obj.check  # read once: the cpu pool may clear it while the frame is being sent
 
     def parts() -> Iterator[bytes | memoryview]:
-        check = xxhash.xxh3_64(head)
+        check = xxhash.xxh3_64(head) if carried is None else None
         yield head
         for run in obj.payload_runs():
-            check.update(run)
+            if check is not None:
+                check.update(run)
             yield run
-        yield _CHECK.pack(check.intdigest())
+        yield _CHECK.pack(carried if check is None else check.intdigest())
 
     return len(head) + obj.nbytes + _CHECK.size, parts()
 
