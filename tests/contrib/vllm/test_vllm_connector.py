@@ -93,17 +93,15 @@ def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm, documents):
     assert [c for c, _, _ in cold] == [0] * 6
     own = run(llm, prompts, reset=False)
     assert [c for c, _, _ in own] == [1024] * 6
-    # vLLM's own cache serving the same split again: how exactly vLLM repeats itself in this run.
-    own_again = run(llm, prompts, reset=False)
     stack = run(llm, prompts)
     assert [c for c, _, _ in stack] == [1024] * 6
-    # The same KV, the same split of loaded and computed tokens: bit for bit the same answers
-    # whenever vLLM repeated itself bit for bit in this run, else no further than assert_same_answers.
-    if [lp for _, _, lp in own_again] == [lp for _, _, lp in own]:
-        assert [(t, lp) for _, t, lp in stack] == [(t, lp) for _, t, lp in own], "vLLM repeats itself; the stack does not"
-    else:
-        print("vLLM's own prefix cache did not repeat itself bit for bit:", own, own_again)
-        assert_same_answers(stack, own)
+    # The same KV, the same split of loaded and computed tokens. Not bit for bit: on an AMX CPU
+    # vLLM's answers for the same loaded bytes vary between runs: three stack runs in a row,
+    # nothing re-stored, were not bit-identical among themselves in two of three engines, vLLM's
+    # own cache twice in a row in one of three; a CI run's stack and own answers differed by up
+    # to 0.04 with the same top-1. The copies themselves are checked bit for bit against vLLM's kernel in
+    # test_vllm_units.py; a wrong copy of KV moves answers far more than one bf16 step.
+    assert_same_answers(stack, own)
     # Against the cold run (every token computed in one pass) bf16 may flip a close call.
     agree = sum(c[1] == s[1] for c, s in zip(cold, stack))
     print(f"top-1 agreement cold vs warm: {agree}/6")
