@@ -80,17 +80,21 @@ class MemoryObj:
         data = self.data
         if data.is_contiguous():
             return [self.payload()]
-        runs = contiguous_runs(data, min_run)
+        runs = run_offsets(data, min_run)
         if runs is None:
             return [self.payload()]
-        return [memoryview(run.reshape(-1).view(torch.uint8).numpy()) for run in runs]
+        size, offsets = runs
+        # one array over the span the runs lie in, sliced per run (far cheaper than a tensor per run)
+        span = memoryview(torch.as_strided(data, (offsets[-1] + size,), (1,)).view(torch.uint8).numpy())
+        width = data.element_size()
+        return [span[o * width : (o + size) * width] for o in offsets]
 
 
-def contiguous_runs(data: torch.Tensor, min_run: int = 1 << 16) -> list[torch.Tensor] | None:
-    """``data``'s elements in order as contiguous tensors (views, no copy), or None when its
-    contiguous runs are shorter than ``min_run`` bytes (then a gathering copy is cheaper)."""
+def run_offsets(data: torch.Tensor, min_run: int = 1 << 16) -> tuple[int, list[int]] | None:
+    """``data``'s contiguous runs as (elements per run, each run's offset in elements from
+    ``data.data_ptr()``), in order; None when runs are shorter than ``min_run`` bytes."""
     if data.is_contiguous():
-        return [data]
+        return data.numel(), [0]
     # the trailing dimensions laid out contiguously (a dimension of 1 has any stride)
     split, inner = data.dim(), 1
     for d in range(data.dim() - 1, -1, -1):
@@ -100,7 +104,22 @@ def contiguous_runs(data: torch.Tensor, min_run: int = 1 << 16) -> list[torch.Te
         split = d
     if inner * data.element_size() < min_run:
         return None
-    return [data[index] for index in itertools.product(*(range(n) for n in data.shape[:split]))]
+    strides = data.stride()[:split]
+    return inner, [sum(i * st for i, st in zip(index, strides))
+                   for index in itertools.product(*(range(n) for n in data.shape[:split]))]
+
+
+def contiguous_runs(data: torch.Tensor, min_run: int = 1 << 16) -> list[torch.Tensor] | None:
+    """``data``'s elements in order as contiguous tensors (views, no copy), or None when its
+    contiguous runs are shorter than ``min_run`` bytes (then a gathering copy is cheaper)."""
+    if data.is_contiguous():
+        return [data]
+    runs = run_offsets(data, min_run)
+    if runs is None:
+        return None
+    size, offsets = runs
+    flat = torch.as_strided(data, (offsets[-1] + size,), (1,))
+    return [flat[o : o + size] for o in offsets]
 
 
 def check_kv(kv: object, num_tokens: int | None = None) -> torch.Tensor:
