@@ -1,7 +1,7 @@
 """Mooncake tier throughput against a raw Mooncake client, same master, same run.
 
     python benchmarks/mooncake_tier.py [--sizes 8,32] [--batch 8] [--repeats 7]
-                                       [--modes same,cross] [--parts 1[,2,8]]
+                                       [--modes same,cross] [--parts 1[,2,8]] [--sliced]
 
 Starts its own mooncake_master on free loopback ports (stopped by PID). For each chunk size
 (fp16 KV, contiguous, already in memory) and each mode it measures, alternating the order of
@@ -18,6 +18,9 @@ Both go through one client (the backend's) so they place and read chunks the sam
 ``cross``: it lends none (segment_bytes 0) and another process lends the segment, so every
 chunk crosses processes over TCP on loopback. Each repeat uses fresh keys (Mooncake keeps an
 existing value, so a put of a present key would cost nothing) and removes them afterwards.
+``--sliced``: the chunks are slices of one longer KV along the tokens, as the engine hands
+them to a tier (not contiguous: one run per [k/v, layer] block); raw sends the same runs
+with ``batch_put_from_multi_buffers`` from where they lie, the tier does the same.
 Figures are medians in GB/s of KV bytes; the ratio is ours over raw. ``--parts 1,2,8``
 measures the tier with each of those ``pipeline_parts`` in the same run, rotated with raw.
 Each is measured twice: ``N`` hashes every frame at put (a chunk handed over as it lies),
@@ -47,7 +50,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import torch  # noqa: E402
 from kvstacks import frame  # noqa: E402
 from kvstacks.keys import CacheKey  # noqa: E402
-from kvstacks.memory import MemoryObj  # noqa: E402
+from kvstacks.memory import MemoryObj, contiguous_runs  # noqa: E402
 from kvstacks_mooncake import MooncakeBackend  # noqa: E402
 
 HOLDER = """
@@ -88,10 +91,21 @@ def chunk(size_mib: int, seed: int) -> torch.Tensor:
     return torch.randn((2, 32, tokens, 1024), generator=g).to(torch.float16)
 
 
+def sliced_chunks(size_mib: int, batch: int) -> list[torch.Tensor]:
+    """The batch as the engine hands it to a tier: slices of one longer KV along the tokens."""
+    whole = chunk(size_mib * batch, 0)
+    return list(whole.split(whole.shape[2] // batch, dim=2))
+
+
 def raw_round(store, names: list[str], src: list[torch.Tensor], dst: list[torch.Tensor]) -> tuple[float, float]:
     sizes = [t.numel() * t.element_size() for t in src]
     t0 = time.perf_counter()
-    codes = store.batch_put_from(names, [t.data_ptr() for t in src], sizes)
+    if src[0].is_contiguous():
+        codes = store.batch_put_from(names, [t.data_ptr() for t in src], sizes)
+    else:  # a slice goes as its contiguous runs, from where they lie
+        runs = [contiguous_runs(t) for t in src]
+        codes = store.batch_put_from_multi_buffers(names, [[r.data_ptr() for r in rs] for rs in runs],
+                                                   [[r.numel() * r.element_size() for r in rs] for rs in runs])
     t1 = time.perf_counter()
     got = store.batch_get_into(names, [t.data_ptr() for t in dst], [t.numel() for t in dst])
     t2 = time.perf_counter()
@@ -122,7 +136,7 @@ async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor
 
 
 async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: int,
-                  parts: list[int]) -> dict[str, float]:
+                  parts: list[int], sliced: bool = False) -> dict[str, float]:
     holder = None
     if mode == "cross":
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, master, str(batch * size_mib * 2 << 20)],
@@ -135,8 +149,11 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
     await backend.start()
     store = backend.store
     try:
-        src = [chunk(size_mib, seed) for seed in range(batch)]
+        src = sliced_chunks(size_mib, batch) if sliced else [chunk(size_mib, seed) for seed in range(batch)]
         dst = [torch.zeros(t.numel() * 2 + 4096, dtype=torch.uint8) for t in src]
+        if sliced:  # raw sends from the KV registered where it lies, as the tier does
+            whole = src[0].untyped_storage()
+            assert store.register_buffer(whole.data_ptr(), whole.nbytes()) == 0
         for t in dst:
             assert store.register_buffer(t.data_ptr(), t.numel()) == 0
         nbytes = sum(t.numel() * t.element_size() for t in src)
@@ -157,6 +174,8 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
                 runs[f"{who} get"].append(nbytes / get / 1e9)
         for t in dst:
             store.unregister_buffer(t.data_ptr())
+        if sliced:
+            store.unregister_buffer(src[0].untyped_storage().data_ptr())
         return {name: statistics.median(v) for name, v in runs.items()}
     finally:
         backend.options.close_timeout = 10.0
@@ -178,6 +197,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--modes", default="same,cross")
     ap.add_argument("--parts", default="1", help="the tier's pipeline_parts; several (1,2,8) are measured side by side")
+    ap.add_argument("--sliced", action="store_true",
+                    help="chunks as the engine hands them: slices of one longer KV (runs of [k/v, layer] blocks)")
     args = ap.parse_args()
     parts = [int(p) for p in args.parts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,12 +210,12 @@ def main() -> None:
             print("|---|---|---|---|---|---|---|")
             for mode in args.modes.split(","):
                 for size in (int(s) for s in args.sizes.split(",")):
-                    m = asyncio.run(measure(address, mode, size, args.batch, args.repeats, parts))
+                    m = asyncio.run(measure(address, mode, size, args.batch, args.repeats, parts, args.sliced))
                     for op in ("put", "get"):
                         raw = m[f"raw {op}"]
                         for p in [*parts, *(f"{p}+check" for p in parts)]:
                             ours = m[f"{p} {op}"]
-                            print(f"| {mode} | {size} MiB | {op} | {raw:.2f} | {p} | {ours:.2f} | {ours / raw:.0%} |",
+                            print(f"| {mode} | {size} MiB{' sliced' if args.sliced else ''} | {op} | {raw:.2f} | {p} | {ours:.2f} | {ours / raw:.0%} |",
                                   flush=True)
             print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         finally:

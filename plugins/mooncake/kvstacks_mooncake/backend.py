@@ -13,7 +13,7 @@ from kvstacks import frame
 from kvstacks.backend import Backend
 from kvstacks.errors import CorruptChunk, InvalidInput, TierFull
 from kvstacks.keys import CacheKey
-from kvstacks.memory import MemoryObj
+from kvstacks.memory import MemoryObj, run_offsets
 
 from kvstacks_mooncake import client as mc
 from kvstacks_mooncake.calls import Caller, CallTimeout, overlap, split
@@ -180,7 +180,8 @@ class MooncakeBackend(Backend):
         for key, obj in items:
             if obj.key != key:
                 raise InvalidInput(f"object holds key {obj.key} but is stored under {key}")
-            if not obj.data.is_contiguous():
+            if run_offsets(obj.data) is None:
+                # a view whose contiguous runs are short: one gathering copy beats many tiny buffers
                 obj = MemoryObj(obj.key, obj.data.contiguous(), obj.shape, obj.dtype, obj.compressor, obj.check)
             names.append(self._name(key))
             objs.append(obj)
@@ -205,7 +206,8 @@ class MooncakeBackend(Backend):
                                f"with code {refused[0][1]}")
 
     def _put_blocking(self, store: Any, names: list[str], objs: list[MemoryObj]) -> list[int]:
-        """Frame ends (header, checksum) go in one small slot, payloads are sent from where they are;
+        """Frame ends (header, checksum) go in one small slot, payloads are sent from where they are
+        (a chunk sliced out of a longer KV as its contiguous runs, without a copy);
         the checksums of one part of the batch are computed while the part before it is sent."""
         assert self.slots is not None and self.registrations is not None
         heads = [frame.header(obj) for obj in objs]
@@ -220,8 +222,10 @@ class MooncakeBackend(Backend):
             view[offset : offset + n] = np.frombuffer(head, np.uint8)
             item_ptrs, item_sizes = [slot.base + offset], [n]
             if obj.nbytes:
-                item_ptrs.append(obj.data.data_ptr())
-                item_sizes.append(obj.nbytes)
+                size, offsets = run_offsets(obj.data) or (obj.data.numel(), [0])
+                width = obj.data.element_size()
+                item_ptrs.extend(obj.data.data_ptr() + o * width for o in offsets)
+                item_sizes.extend([size * width] * len(offsets))
             item_ptrs.append(slot.base + offset + n)
             item_sizes.append(CHECK_BYTES)
             ptrs.append(item_ptrs)
@@ -233,7 +237,7 @@ class MooncakeBackend(Backend):
         def checksum(g: int) -> None:
             for i in groups[g]:
                 # a check the object carries (computed as the cpu tier copied it in) saves a pass
-                check = frame.check_field(objs[i], heads[i], objs[i].payload())
+                check = frame.check_field(objs[i], heads[i], *objs[i].payload_runs())
                 end = ptrs[i][-1] - slot.base
                 view[end : end + CHECK_BYTES] = np.frombuffer(check, np.uint8)
 

@@ -143,3 +143,20 @@ async def test_an_overwrite_reads_the_new_bytes(backend):
     back = await backend.get(key)
     assert_same_obj(back, new, "overwritten")
     backend.release_now(back)
+
+
+async def test_chunks_sliced_out_of_the_engine_s_kv_are_sent_from_where_they_lie(backend):
+    """The engine hands a tier each chunk as a slice of its KV (not contiguous): the tier sends
+    the slice's [k/v, layer] runs from the caller's memory, registered in place, not a copy."""
+    kv = random_kv(4, 4 * 64, 512, seed=11)  # runs of 64 KiB
+    keys = [random_key() for _ in range(4)]
+    objs = [raw_obj(k, view) for k, view in zip(keys, kv.split(64, dim=2))]
+    assert not objs[1].data.is_contiguous()
+    await backend.batch_put(list(zip(keys, objs)))
+    storage = kv.untyped_storage()
+    assert storage.data_ptr() in backend.registrations._regions, "the caller's KV was not registered where it lies"
+    assert backend.registrations.registered == 1, "something other than the caller's KV was registered (a copy)"
+    got = await backend.batch_get(keys)
+    for obj, back in zip(objs, got):
+        assert_same_obj(back, obj, "sliced chunk")
+        backend.release_now(back)
