@@ -13,6 +13,10 @@ the two every repeat:
   and checksum; the payload sent from where it lies) and ``batch_get`` (into the tier's
   leased read slots, checksum verified, then released).
 
+- ours, ``get into out``: ``MooncakeBackend.batch_get_into`` the caller's memory (the places
+  ``retrieve(out=)`` hands a tier), plus the copy the engine makes of any chunk the tier
+  returned in a read slot instead: against raw's get, which lands in the caller's memory too.
+
 Both go through one client (the backend's) so they place and read chunks the same way.
 ``same``: that client lends the only segment, so chunks move within the process.
 ``cross``: it lends none (segment_bytes 0) and another process lends the segment, so every
@@ -52,6 +56,10 @@ from kvstacks import frame  # noqa: E402
 from kvstacks.keys import CacheKey  # noqa: E402
 from kvstacks.memory import MemoryObj, contiguous_runs  # noqa: E402
 from kvstacks_mooncake import MooncakeBackend  # noqa: E402
+
+#: ``get into out``: batch_get_into the caller's places (retrieve(out=)), plus the engine's copy
+#: of whatever the tier could not place there; raw's figure is its get (into the caller's memory)
+OPS = ("put", "get", "get into out")
 
 HOLDER = """
 import os, sys, time
@@ -114,8 +122,8 @@ def raw_round(store, names: list[str], src: list[torch.Tensor], dst: list[torch.
     return t1 - t0, t2 - t1
 
 
-async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor],
-                    carried: bool = False) -> tuple[float, float]:
+async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor], places: list[torch.Tensor],
+                    carried: bool = False) -> tuple[float, float, float]:
     keys = [CacheKey(model, "kv", 1, 0, uuid.uuid4().bytes) for _ in src]
     items = [(k, MemoryObj.from_kv(k, t)) for k, t in zip(keys, src)]
     if carried:
@@ -131,8 +139,18 @@ async def our_round(backend: MooncakeBackend, model: str, src: list[torch.Tensor
     assert all(o is not None and o.data.shape == t.shape for o, t in zip(objs, src))
     for o in objs:
         backend.release_now(o)
+    # into the caller's memory, as retrieve(out=) reads: what the tier could not place there, the
+    # engine copies there
+    t3 = time.perf_counter()
+    objs = await backend.batch_get_into(keys, places)
+    for o, place in zip(objs, places):
+        assert o is not None
+        if o.data is not place:
+            place.copy_(o.data)
+            backend.release_now(o)
+    t4 = time.perf_counter()
     await backend._call("remove", backend._remove_blocking, [backend._name(k) for k in keys])
-    return t1 - t0, t2 - t1
+    return t1 - t0, t2 - t1, t4 - t3
 
 
 async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: int,
@@ -156,22 +174,26 @@ async def measure(master: str, mode: str, size_mib: int, batch: int, repeats: in
             assert store.register_buffer(whole.data_ptr(), whole.nbytes()) == 0
         for t in dst:
             assert store.register_buffer(t.data_ptr(), t.numel()) == 0
+        out = torch.zeros((2, 32, sum(t.shape[2] for t in src), 1024), dtype=torch.float16)
+        places = list(out.split(src[0].shape[2], dim=2)) if sliced else [torch.zeros_like(t) for t in src]
         nbytes = sum(t.numel() * t.element_size() for t in src)
         systems: list[str | int] = ["raw", *parts, *(f"{p}+check" for p in parts)]
-        runs: dict[str, list[float]] = {f"{who} {op}": [] for who in systems for op in ("put", "get")}
+        runs: dict[str, list[float]] = {f"{who} {op}": [] for who in systems for op in OPS}
         # the tier registers the source chunks where they lie on its first put; raw sends from the same memory
-        await our_round(backend, "warm", src)
+        await our_round(backend, "warm", src, places)
         raw_round(store, [f"warm-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)  # fault pages in
         for r in range(repeats):
             shift = r % len(systems)
             for who in systems[shift:] + systems[:shift]:  # every system first in turn
                 if who == "raw":
                     put, get = raw_round(store, [f"raw-{uuid.uuid4().hex}-{i}" for i in range(batch)], src, dst)
+                    get_into = get  # raw reads into the caller's (registered) memory either way
                 else:
                     backend.options.pipeline_parts = int(str(who).split("+")[0])
-                    put, get = await our_round(backend, f"bench-{r}", src, carried=str(who).endswith("+check"))
-                runs[f"{who} put"].append(nbytes / put / 1e9)
-                runs[f"{who} get"].append(nbytes / get / 1e9)
+                    put, get, get_into = await our_round(backend, f"bench-{r}", src, places,
+                                                         carried=str(who).endswith("+check"))
+                for op, seconds in zip(OPS, (put, get, get_into)):
+                    runs[f"{who} {op}"].append(nbytes / seconds / 1e9)
         for t in dst:
             store.unregister_buffer(t.data_ptr())
         if sliced:
@@ -211,7 +233,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 for size in (int(s) for s in args.sizes.split(",")):
                     m = asyncio.run(measure(address, mode, size, args.batch, args.repeats, parts, args.sliced))
-                    for op in ("put", "get"):
+                    for op in OPS:
                         raw = m[f"raw {op}"]
                         for p in [*parts, *(f"{p}+check" for p in parts)]:
                             ours = m[f"{p} {op}"]

@@ -164,6 +164,10 @@ def length(start: bytes | memoryview) -> int | None:
     return _FIXED.size + 4 * ndim + namelen + keylen + paylen + _CHECK.size
 
 
+#: bytes of the check field that ends every frame
+CHECK_BYTES = _CHECK.size
+
+
 class RunningCheck:
     """A frame's checksum computed as its bytes arrive: a receiver feeds it every piece in
     order, each right after receiving it (still in the cache), and ``decode`` then takes
@@ -182,6 +186,12 @@ class RunningCheck:
     def result(self) -> int | None:
         """The checksum, once every byte it covers was fed; else None."""
         return self._hash.intdigest() if self._left == 0 else None
+
+
+def check_matches(running: RunningCheck, field: bytes) -> bool:
+    """Whether a frame's check ``field`` (its last ``CHECK_BYTES``) is the sum ``running`` was fed."""
+    computed = running.result()
+    return computed is not None and _CHECK.unpack(field)[0] == computed
 
 
 def decode(

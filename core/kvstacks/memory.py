@@ -7,6 +7,7 @@ import ctypes.util
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvstacks.errors import InvalidInput
@@ -80,14 +81,23 @@ class MemoryObj:
         data = self.data
         if data.is_contiguous():
             return [self.payload()]
-        runs = run_offsets(data, min_run)
+        runs = run_views(data, min_run)
         if runs is None:
             return [self.payload()]
-        size, offsets = runs
-        # one array over the span the runs lie in, sliced per run (far cheaper than a tensor per run)
-        span = memoryview(torch.as_strided(data, (offsets[-1] + size,), (1,)).view(torch.uint8).numpy())
-        width = data.element_size()
-        return [span[o * width : (o + size) * width] for o in offsets]
+        return [memoryview(view) for _, view in runs]
+
+
+def run_views(data: torch.Tensor, min_run: int = 1 << 16) -> list[tuple[int, np.ndarray]] | None:
+    """``data``'s contiguous runs in order as (address, uint8 array over the run's bytes), for
+    reading or writing them in place; None when runs are shorter than ``min_run`` bytes."""
+    runs = run_offsets(data, min_run)
+    if runs is None:
+        return None
+    size, offsets = runs
+    # one array over the span the runs lie in, sliced per run (far cheaper than a tensor per run)
+    span = torch.as_strided(data, (offsets[-1] + size,), (1,)).view(torch.uint8).numpy()
+    base, width = data.data_ptr(), data.element_size()
+    return [(base + o * width, span[o * width : (o + size) * width]) for o in offsets]
 
 
 def run_offsets(data: torch.Tensor, min_run: int = 1 << 16) -> tuple[int, list[int]] | None:

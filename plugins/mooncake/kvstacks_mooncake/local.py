@@ -159,6 +159,37 @@ class LocalSegment:
                 self._reading -= 1
                 self._lock.notify_all()
 
+    def read_into(self, addr: int, size: int, head: bytes, runs: list[tuple[int, np.ndarray]]) -> bool | None:
+        """Copy a frame whose header should be ``head`` from the segment, its payload straight into
+        ``runs`` (``(address, view)`` of each, in order), hashing each block right after its copy.
+
+        True if the frame is exactly that header, a payload of the runs' size and a valid check;
+        False if not (freed and reused, torn, or another layout: the runs may have been written);
+        None if the segment is being closed."""
+        if size != len(head) + sum(len(view) for _, view in runs) + frame.CHECK_BYTES:
+            return False
+        with self._lock:
+            if self._closed:
+                return None
+            self._reading += 1
+        try:
+            if ctypes.string_at(addr, len(head)) != head:
+                return False
+            check = frame.RunningCheck(size)
+            check.update(head)
+            src = addr + len(head)
+            for dst, view in runs:
+                for off in range(0, len(view), BLOCK):
+                    n = min(BLOCK, len(view) - off)
+                    ctypes.memmove(dst + off, src, n)
+                    check.update(view[off : off + n])
+                    src += n
+            return frame.check_matches(check, ctypes.string_at(src, frame.CHECK_BYTES))
+        finally:
+            with self._lock:
+                self._reading -= 1
+                self._lock.notify_all()
+
     def close(self, timeout: float) -> None:
         """No new reads; wait for those under way (the segment's memory goes with the client)."""
         with self._lock:

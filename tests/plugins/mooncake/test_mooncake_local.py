@@ -6,6 +6,7 @@ import ctypes
 import uuid
 
 import pytest
+import torch
 from kvstacks.testing import assert_same_obj, random_key, random_kv, raw_obj
 from kvstacks_mooncake import MooncakeBackend
 from kvstacks_mooncake.local import BLOCK
@@ -160,3 +161,41 @@ async def test_chunks_sliced_out_of_the_engine_s_kv_are_sent_from_where_they_lie
     for obj, back in zip(objs, got):
         assert_same_obj(back, obj, "sliced chunk")
         backend.release_now(back)
+
+
+async def test_remembered_chunks_are_read_straight_into_the_caller_s_out(backend):
+    """retrieve(out=) hands each chunk's place in out: a chunk this tier put in its own segment is
+    copied and checked there (its data is the place), asking neither the master nor a read slot."""
+    keys = [random_key() for _ in range(3)]
+    kv = random_kv(4, 3 * 64, 512, seed=21)  # runs of 64 KiB
+    objs = [raw_obj(k, part.clone()) for k, part in zip(keys, kv.split(64, dim=2))]
+    await backend.batch_put(list(zip(keys, objs)))
+    store = backend.store = CountingStore(backend.store)
+    out = torch.zeros_like(kv)
+    places = list(out.split(64, dim=2))
+    hits = backend.local_hits
+    got = await backend.batch_get_into(keys, places)
+    for obj, back, place in zip(objs, got, places):
+        assert back is not None and back.data is place, "not read into the caller's place"
+        assert_same_obj(back, obj, "read into place")
+    assert torch.equal(out, kv)
+    assert backend.local_hits == hits + 3 and store.client_gets == 0 and store.descriptor_calls == 0
+
+
+async def test_a_place_of_another_layout_or_a_torn_replica_is_read_the_general_way(backend):
+    key, torn = random_key(), random_key()
+    obj = raw_obj(key, random_kv(2, 128, 256, seed=5))
+    bad = raw_obj(torn, random_kv(2, 128, 256, seed=6))
+    await backend.batch_put([(key, obj), (torn, bad)])
+    (replica,) = backend.store.get_replica_desc(backend._name(torn))
+    desc = replica.get_memory_descriptor().buffer_descriptor
+    ctypes.memset(desc.buffer_address + desc.size // 2, 0x5A, 4096)
+    stale = backend.local_stale
+    # a place for 64 tokens where 128 were stored: not the chunk's layout, read into a slot as by batch_get
+    (other, broken) = await backend.batch_get_into([key, torn], [torch.zeros(2, 2, 64, 256, dtype=torch.float16),
+                                                                 torch.zeros(2, 2, 128, 256, dtype=torch.float16)])
+    assert other is not None and other.shape == obj.shape
+    assert_same_obj(other, obj, "general read")
+    backend.release_now(other)
+    assert broken is None, "a torn replica was served"
+    assert backend.local_stale == stale + 1  # only the torn one: a layout mismatch is not a stale place
