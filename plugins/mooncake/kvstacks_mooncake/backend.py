@@ -58,6 +58,7 @@ class MooncakeBackend(Backend):
         self._guess = 1 << 20  # buffer size for a key of unknown size; a short one costs one more call
         self.transfer_failures = 0
         self.local_hits = 0  # chunks read from a remembered place in this process's segment
+        self.placed = 0  # of those, read straight into the caller's memory (batch_get_into)
         self.local_stale = 0  # remembered places that no longer held the chunk (re-read through the client)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -432,6 +433,8 @@ class MooncakeBackend(Backend):
                 continue
             if slot is not None:
                 slot.handed_out = True
+            else:
+                self.placed += 1
             out[i] = obj
             self.local_hits += 1
         rest.sort()
@@ -576,6 +579,6 @@ class MooncakeBackend(Backend):
             "read_buffer_bytes": slots.bytes if slots else 0, "leases_reclaimed": slots.reclaimed if slots else 0,
             "registered_bytes": regs.bytes if regs else 0, "registrations": regs.registered if regs else 0,
             "abandoned_calls": self.caller.abandoned if self.caller else 0,
-            "local_hits": self.local_hits, "local_stale": self.local_stale,
+            "local_hits": self.local_hits, "local_stale": self.local_stale, "placed": self.placed,
             "local_places": self.local.places if self.local else 0,
         }

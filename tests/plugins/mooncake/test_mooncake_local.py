@@ -173,13 +173,14 @@ async def test_remembered_chunks_are_read_straight_into_the_caller_s_out(backend
     store = backend.store = CountingStore(backend.store)
     out = torch.zeros_like(kv)
     places = list(out.split(64, dim=2))
-    hits = backend.local_hits
+    hits, placed = backend.local_hits, backend.placed
     got = await backend.batch_get_into(keys, places)
     for obj, back, place in zip(objs, got, places):
         assert back is not None and back.data is place, "not read into the caller's place"
         assert_same_obj(back, obj, "read into place")
     assert torch.equal(out, kv)
-    assert backend.local_hits == hits + 3 and store.client_gets == 0 and store.descriptor_calls == 0
+    assert backend.local_hits == hits + 3 and backend.placed == placed + 3
+    assert store.client_gets == 0 and store.descriptor_calls == 0
 
 
 async def test_a_place_of_another_layout_or_a_torn_replica_is_read_the_general_way(backend):
