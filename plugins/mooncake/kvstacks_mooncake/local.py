@@ -55,6 +55,18 @@ def _mapping(addr: int, size: int) -> tuple[int, int] | None:
     return spans[first][0], spans[last][1]
 
 
+def _copy_hashing(src: int, runs: list[tuple[int, np.ndarray]], check: frame.RunningCheck) -> int:
+    """Copy consecutive bytes from ``src`` into ``runs`` (``(address, array)``, in order) block by
+    block, feeding each block to ``check`` right after its copy (still in cache); return the end."""
+    for dst, view in runs:
+        for off in range(0, len(view), BLOCK):
+            n = min(BLOCK, len(view) - off)
+            ctypes.memmove(dst + off, src, n)
+            check.update(view[off : off + n])
+            src += n
+    return src
+
+
 class LocalSegment:
     """Where this client's segment lies; reads replicas in it with the check done block by block."""
 
@@ -149,10 +161,7 @@ class LocalSegment:
             self._reading += 1
         try:
             check = frame.RunningCheck(size)
-            for off in range(0, size, BLOCK):
-                n = min(BLOCK, size - off)
-                ctypes.memmove(dst + off, addr + off, n)
-                check.update(dst_view[off : off + n])
+            _copy_hashing(addr, [(dst, dst_view[:size])], check)
             return check
         finally:
             with self._lock:
@@ -177,14 +186,8 @@ class LocalSegment:
                 return False
             check = frame.RunningCheck(size)
             check.update(head)
-            src = addr + len(head)
-            for dst, view in runs:
-                for off in range(0, len(view), BLOCK):
-                    n = min(BLOCK, len(view) - off)
-                    ctypes.memmove(dst + off, src, n)
-                    check.update(view[off : off + n])
-                    src += n
-            return frame.check_matches(check, ctypes.string_at(src, frame.CHECK_BYTES))
+            end = _copy_hashing(addr + len(head), runs, check)
+            return frame.check_matches(check, ctypes.string_at(end, frame.CHECK_BYTES))
         finally:
             with self._lock:
                 self._reading -= 1
